@@ -1,0 +1,7 @@
+"""CASS model (placeholder: being written)."""
+
+import torch.nn as nn
+
+
+class CASS(nn.Module):
+    pass

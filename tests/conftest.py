@@ -1,0 +1,22 @@
+"""Shared fixtures. Tests run on CPU with tiny models; real datasets come from ../shared/data when present."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Two cores in CI: keep each test process from oversubscribing them.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Path to ../shared/data; skips the test on a clone without it."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} is absent (real datasets live beside the repo only on the dev machines)")
+    return SHARED_DATA
