@@ -1,0 +1,136 @@
+"""Re-read a shard set and check it against its manifest: sizes, sha256, counts, keys, labels, images."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+from PIL import Image
+
+from cass_dist.data.manifest import Manifest, ManifestError, load_manifest
+from cass_dist.data.splits import class_counts
+from cass_dist.data.writer import SHARD_PATTERN
+
+
+def verify_shards(shard_dir: str | os.PathLike, *, decode: bool = True) -> list[str]:
+    """Check every shard of ``shard_dir`` against its manifest and return the problems found.
+
+    An empty list means the set is complete and intact. Each problem names the file (and sample key)
+    concerned. Checks: manifest valid; each shard present with the recorded size and sha256; each sample
+    has exactly one image and one json with a valid label; counts, class counts and keys match the
+    manifest and the split index; every image decodes (unless ``decode`` is false) to the recorded mode.
+    Never raises for a damaged set; only for an unreadable directory (OSError).
+    """
+    root = Path(shard_dir)
+    try:
+        manifest = load_manifest(root)
+    except ManifestError as exc:
+        return [str(exc)]
+    problems: list[str] = []
+    listed = set()
+    for split_name, split in manifest.splits.items():
+        keys, labels = [], []
+        for shard in split.shards:
+            listed.add(shard.name)
+            path = root / shard.name
+            if not path.is_file():
+                problems.append(f"{path}: missing")
+                continue
+            size = path.stat().st_size
+            if size != shard.bytes:
+                problems.append(f"{path}: {size} bytes, manifest says {shard.bytes}")
+            if _sha256(path) != shard.sha256:
+                problems.append(f"{path}: sha256 differs from the manifest")
+            found = _check_tar(path, manifest, decode, problems)
+            if len(found) != shard.count:
+                problems.append(f"{path}: {len(found)} samples, manifest says {shard.count}")
+            keys += [k for k, _ in found]
+            labels += [label for _, label in found]
+        _check_split(root, split_name, split, keys, labels, manifest, problems)
+    for path in sorted(root.iterdir()):
+        if SHARD_PATTERN.match(path.name) and path.name not in listed:
+            problems.append(f"{path}: shard not listed in the manifest")
+    return problems
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_tar(path: Path, manifest: Manifest, decode: bool, problems: list[str]) -> list[tuple[str, object]]:
+    """Return (key, label) of every well-formed sample, appending a problem for each bad one."""
+    members: dict[str, dict[str, bytes]] = {}
+    try:
+        with tarfile.open(path, "r") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                key, _, ext = info.name.partition(".")
+                members.setdefault(key, {})[ext] = tar.extractfile(info).read()
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        problems.append(f"{path}: unreadable tar ({type(exc).__name__}: {exc})")
+    image_ext = manifest.image.format
+    found = []
+    for key, parts in members.items():
+        where = f"{path}:{key}"
+        if set(parts) != {image_ext, "json"}:
+            problems.append(f"{where}: holds {sorted(parts)}, expected {sorted([image_ext, 'json'])}")
+            continue
+        try:
+            label = json.loads(parts["json"])["label"]
+        except (ValueError, KeyError, TypeError) as exc:
+            problems.append(f"{where}: bad json ({exc})")
+            continue
+        if not _label_ok(label, manifest):
+            problems.append(f"{where}: label {label!r} is not valid for a {manifest.task} task "
+                            f"with {manifest.num_classes} classes")
+            continue
+        if decode:
+            try:
+                with Image.open(io.BytesIO(parts[image_ext])) as image:
+                    image.load()
+                    mode = image.mode
+            except Exception as exc:  # PIL raises many types for bad data
+                problems.append(f"{where}: image does not decode ({type(exc).__name__}: {exc})")
+                continue
+            if mode != manifest.image.mode:
+                problems.append(f"{where}: image mode {mode}, manifest says {manifest.image.mode}")
+        found.append((key, label))
+    return found
+
+
+def _label_ok(label, manifest: Manifest) -> bool:
+    if manifest.task == "multi-label":
+        return (isinstance(label, list) and len(label) == manifest.num_classes
+                and all(v in (0, 1) and not isinstance(v, bool) for v in label))
+    return isinstance(label, int) and not isinstance(label, bool) and 0 <= label < manifest.num_classes
+
+
+def _check_split(root: Path, name: str, split, keys: list, labels: list, manifest: Manifest,
+                 problems: list[str]) -> None:
+    if len(keys) != split.count:
+        problems.append(f"split {name!r}: {len(keys)} valid samples in its shards, manifest says {split.count}")
+    repeated = [k for k, n in Counter(keys).items() if n > 1]
+    if repeated:
+        problems.append(f"split {name!r}: keys repeated across shards: {repeated[:5]}")
+    if len(labels) == split.count and class_counts(labels, manifest.num_classes, manifest.task) != split.class_counts:
+        problems.append(f"split {name!r}: class counts in the shards differ from the manifest's")
+    if not split.index:
+        return
+    index_path = root / split.index
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError) as exc:
+        problems.append(f"{index_path}: unreadable ({exc})")
+        return
+    if index.get("keys") != keys or index.get("labels") != labels:
+        problems.append(f"{index_path}: keys/labels differ from the shards' (in shard order)")
