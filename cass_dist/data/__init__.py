@@ -6,12 +6,13 @@ is imported lazily: the ``cass-shards`` CLI and its worker processes never need 
 
 from cass_dist.data.manifest import Manifest, ManifestError, load_manifest
 
-__all__ = ["Manifest", "ManifestError", "build_loader", "load_manifest"]
+__all__ = ["Manifest", "ManifestError", "ShardLoader", "build_loader", "load_manifest", "sum_across_ranks"]
+_STREAM_NAMES = ("ShardLoader", "build_loader", "sum_across_ranks")
 
 
 def __getattr__(name: str):
-    if name == "build_loader":
-        from cass_dist.data.stream import build_loader
+    if name in _STREAM_NAMES:
+        from cass_dist.data import stream
 
-        return build_loader
+        return getattr(stream, name)
     raise AttributeError(f"module 'cass_dist.data' has no attribute {name!r}")
