@@ -1,0 +1,1 @@
+"""Small helpers shared by the engine and the launch layer."""
