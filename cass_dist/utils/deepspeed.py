@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import json
+import os
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -85,3 +86,22 @@ def check_deepspeed_matches(config: dict[str, Any], *, batch_size: int, grad_acc
         if config.get(key) != expected:
             raise ValueError(f"{origin}: {key} is {config.get(key)!r} but {field} is {expected}; "
                              f"make them equal (edit the JSON or pass the flag)")
+
+
+def deepspeed_requested() -> bool:
+    """Return True when ``accelerate launch`` was told to use DeepSpeed (a DeepSpeed config)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+
+
+def check_launch(*, batch_size: int, grad_accum_steps: int) -> None:
+    """Before any work, when DeepSpeed was requested: import it and check its JSON against the run.
+
+    Returns None (and does nothing without DeepSpeed); raises DeepSpeedUnavailableError or ValueError.
+    """
+    if not deepspeed_requested():
+        return
+    require_deepspeed()
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if path and path.endswith(".json"):
+        check_deepspeed_matches(load_deepspeed_config(path), batch_size=batch_size,
+                                grad_accum_steps=grad_accum_steps, origin=path)

@@ -1,0 +1,197 @@
+"""The CASS pretraining config and its presets (``demo``, ``paper``, ``t4``).
+
+Presets:
+
+- ``demo``: resnet18 + vit_tiny at 32 px (patch 8) on the synthetic shards, CPU, a few
+  minutes on 2 cores; what ``accelerate launch launch/pretrain.py`` runs with no arguments.
+- ``paper``: the original CASS hyperparameters (Singh & Cirrone): resnet50 + vit_base_patch16_384
+  from ImageNet weights, 384 px, the 1000-d classifier outputs as embeddings, the paper objective
+  (batch mean of 2 - 2cos, no stop-gradient), Adam with lr 1e-3 for both branches, no weight decay,
+  cosine decay, batch 16, the paper's augmentations (resize, colour jitter, perspective and affine
+  with p=0.3, flips), fp32 in the original (``auto`` here picks bf16 on GPUs that have it).
+- ``t4``: the paper's model sizes on a 16 GB T4: fp16 with loss scaling plus gradient checkpointing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from cass_dist.configs.base import RUN_ALIASES, FieldError, RunSection, parse_config
+
+# One constant, chosen by benchmarks/objectives.py and owned by the objectives module.
+from cass_dist.losses.cass import DEFAULT_OBJECTIVE
+
+
+@dataclass
+class DataSection:
+    shards: str = ""  # directory holding manifest.json (made by cass-shards)
+    train_split: str = "train"
+    val_split: str = "val"  # used by the periodic kNN when the shard set has labels
+    batch_size: int = 32  # per process
+    num_workers: int = 0
+    image_size: int = 224
+    transform: str = "pretrain"
+
+    def validate(self) -> None:
+        if not self.shards:
+            raise FieldError("shards", "required: a shard directory made by cass-shards (--data DIR)")
+        if self.batch_size < 1:
+            raise FieldError("batch_size", "must be >= 1", self.batch_size)
+        if self.num_workers < 0:
+            raise FieldError("num_workers", "must be >= 0", self.num_workers)
+        if self.image_size < 8:
+            raise FieldError("image_size", "must be >= 8", self.image_size)
+
+
+@dataclass
+class ModelSection:
+    """Arguments of ``cass_dist.models.CASS`` plus how the engine runs it."""
+
+    cnn: str = "resnet50"
+    vit: str = "vit_base_patch16_224"
+    embed_dim: int = 1000  # the paper uses the 1000-d ImageNet classifier outputs
+    head: Literal["linear", "mlp"] = "linear"  # linear: the timm classifier (paper); mlp: BN projector
+    proj_hidden_dim: int = 2048
+    vit_patch_size: int | None = None  # None: the model's own; small images want small patches
+    drop_path_rate: float | None = None
+    pretrained: bool = False  # timm hub weights (network, or a filled cache_dir)
+    pretrained_cnn_file: str = ""  # local weights for compute nodes without internet
+    pretrained_vit_file: str = ""
+    cache_dir: str = ""
+    grad_checkpointing: bool = False
+    channels_last: bool = True  # memory format of the CNN and its input (faster convs on GPUs)
+    compile: bool = False  # torch.compile each backbone in place
+    sync_bn: bool = False  # SyncBatchNorm in the CNN under multi-GPU DDP
+
+    def validate(self) -> None:
+        for name in ("cnn", "vit"):
+            if not getattr(self, name):
+                raise FieldError(name, "must name a timm model")
+        for name in ("embed_dim", "proj_hidden_dim"):
+            if getattr(self, name) < 1:
+                raise FieldError(name, "must be >= 1", getattr(self, name))
+        if self.vit_patch_size is not None and self.vit_patch_size < 1:
+            raise FieldError("vit_patch_size", "must be >= 1 or null", self.vit_patch_size)
+        if self.drop_path_rate is not None and not 0 <= self.drop_path_rate < 1:
+            raise FieldError("drop_path_rate", "must be in [0, 1) or null", self.drop_path_rate)
+
+
+@dataclass
+class ObjectiveSection:
+    name: str = DEFAULT_OBJECTIVE  # "paper" is exactly the original loss
+    kwargs: dict[str, Any] = field(default_factory=dict)  # passed to build_objective
+
+    def validate(self) -> None:
+        if not self.name:
+            raise FieldError("name", "must name an objective (e.g. 'paper')")
+
+
+@dataclass
+class OptimSection:
+    optimizer: Literal["adamw", "adam"] = "adamw"
+    lr_cnn: float = 1e-3
+    lr_vit: float = 1e-3
+    weight_decay_cnn: float = 0.0
+    weight_decay_vit: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    def validate(self) -> None:
+        for name in ("lr_cnn", "lr_vit"):
+            if not getattr(self, name) > 0:
+                raise FieldError(name, "must be > 0", getattr(self, name))
+        for name in ("weight_decay_cnn", "weight_decay_vit"):
+            if getattr(self, name) < 0:
+                raise FieldError(name, "must be >= 0", getattr(self, name))
+        if not self.eps > 0:
+            raise FieldError("eps", "must be > 0", self.eps)
+        if not all(0 <= b < 1 for b in self.betas):
+            raise FieldError("betas", "must both be in [0, 1)", list(self.betas))
+
+
+@dataclass
+class MonitorSection:
+    knn_every: int = 0  # steps between kNN evaluations on the val split; 0 = off
+    knn_k: int = 20
+    knn_max_train: int = 2000  # bank size: kNN is a health signal, not the final evaluation
+    collapse_std_fraction: float = 0.1  # warn when embedding std < fraction / sqrt(d) ...
+    collapse_min_eff_rank: float = 2.0  # ... or the effective rank falls below this
+
+    def validate(self) -> None:
+        if self.knn_every < 0:
+            raise FieldError("knn_every", "must be >= 0", self.knn_every)
+        if self.knn_k < 1:
+            raise FieldError("knn_k", "must be >= 1", self.knn_k)
+        if not 0 < self.collapse_std_fraction < 1:
+            raise FieldError("collapse_std_fraction", "must be in (0, 1)", self.collapse_std_fraction)
+        if self.collapse_min_eff_rank < 1:
+            raise FieldError("collapse_min_eff_rank", "must be >= 1", self.collapse_min_eff_rank)
+
+
+@dataclass
+class PretrainConfig:
+    """CASS pretraining: a CNN and a ViT learn together without labels."""
+
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    objective: ObjectiveSection = field(default_factory=ObjectiveSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    run: RunSection = field(default_factory=RunSection)
+    monitor: MonitorSection = field(default_factory=MonitorSection)
+
+
+DEMO_SHARDS = "shards/demo"
+
+
+def demo() -> PretrainConfig:
+    """Tiny models on the synthetic shards: CPU, about two minutes on 2 cores."""
+    return PretrainConfig(
+        data=DataSection(shards=DEMO_SHARDS, batch_size=64, image_size=32),
+        model=ModelSection(cnn="resnet18", vit="vit_tiny_patch16_224", embed_dim=128, vit_patch_size=8,
+                           channels_last=False),
+        optim=OptimSection(lr_cnn=1e-3, lr_vit=1e-3, weight_decay_cnn=0.05, weight_decay_vit=0.05),
+        run=RunSection(output_dir="runs/demo", precision="fp32", max_steps=80, warmup_steps=10,
+                       save_every=40, log_every=10, resume="auto"),  # a second launch continues, not clashes
+        monitor=MonitorSection(knn_every=40, knn_max_train=1000),
+    )
+
+
+def paper() -> PretrainConfig:
+    """The original CASS hyperparameters (see the module docstring)."""
+    return PretrainConfig(
+        data=DataSection(batch_size=16, image_size=384),
+        model=ModelSection(cnn="resnet50", vit="vit_base_patch16_384", embed_dim=1000, pretrained=True),
+        objective=ObjectiveSection(name="paper"),
+        optim=OptimSection(optimizer="adam", lr_cnn=1e-3, lr_vit=1e-3),
+        run=RunSection(output_dir="runs/paper", epochs=50),
+    )
+
+
+def t4() -> PretrainConfig:
+    """The paper's models on a 16 GB T4: fp16 with loss scaling and gradient checkpointing."""
+    cfg = paper()
+    cfg.model.grad_checkpointing = True
+    cfg.run.precision = "fp16"
+    cfg.run.output_dir = "runs/t4"
+    return cfg
+
+
+PRESETS = {"demo": demo, "paper": paper, "t4": t4}
+
+ALIASES = {
+    **RUN_ALIASES,
+    "--data": "data.shards", "--batch-size": "data.batch_size", "--image-size": "data.image_size",
+    "--num-workers": "data.num_workers", "--objective": "objective.name", "--cnn": "model.cnn",
+    "--vit": "model.vit", "--embed-dim": "model.embed_dim", "--pretrained": "model.pretrained",
+    "--pretrained-cnn-file": "model.pretrained_cnn_file", "--pretrained-vit-file": "model.pretrained_vit_file",
+    "--grad-checkpointing": "model.grad_checkpointing", "--compile": "model.compile",
+    "--sync-bn": "model.sync_bn", "--head": "model.head", "--cache-dir": "model.cache_dir", "--lr-cnn": "optim.lr_cnn", "--lr-vit": "optim.lr_vit",
+    "--knn-every": "monitor.knn_every",
+}
+
+
+def parse_pretrain_config(argv: list[str] | None = None, *, default_preset: str | None = None) -> PretrainConfig:
+    """Return the validated PretrainConfig from flags (see ``--help``); raise ConfigError naming the field."""
+    return parse_config(PretrainConfig, argv, presets=PRESETS, aliases=ALIASES,
+                        default_preset=default_preset, prog="launch/pretrain.py")

@@ -1,0 +1,101 @@
+"""Config machinery: precedence (preset < YAML < flags), validation naming the field, YAML round trip."""
+
+from dataclasses import dataclass, field
+
+import pytest
+import yaml
+
+from cass_dist.configs.base import ConfigError, FieldError, RunSection, load_config, parse_config, save_config
+from cass_dist.configs.pretrain import PRESETS, PretrainConfig, parse_pretrain_config
+
+
+def write_yaml(path, data):
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_flags_override_file_which_overrides_preset(tmp_path):
+    cfg_file = write_yaml(tmp_path / "c.yaml", {"preset": "demo", "run": {"max_steps": 7, "seed": 3},
+                                                "data": {"batch_size": 12}})
+    cfg = parse_pretrain_config(["--config", cfg_file, "--seed", "5", "--data.image-size", "48"])
+    assert cfg.run.max_steps == 7  # file over preset (demo has 80)
+    assert cfg.run.seed == 5  # flag over file
+    assert cfg.data.batch_size == 12
+    assert cfg.data.image_size == 48  # dotted flag, dashes accepted
+    assert cfg.model.cnn == PRESETS["demo"]().model.cnn  # untouched preset value
+
+
+def test_every_issue_flag_is_accepted(tmp_path):
+    cfg = parse_pretrain_config([
+        "--preset", "demo", "--data", "d", "--output-dir", str(tmp_path), "--max-steps", "3", "--epochs", "2",
+        "--batch-size", "4", "--save-every", "2", "--resume", "auto", "--report-to", "tensorboard", "--seed", "9",
+        "--objective", "paper", "--pretrained", "--grad-checkpointing", "false", "--optim.betas", "[0.8, 0.9]"])
+    assert (cfg.data.shards, cfg.run.output_dir, cfg.run.max_steps, cfg.run.epochs) == ("d", str(tmp_path), 3, 2)
+    assert (cfg.data.batch_size, cfg.run.save_every, cfg.run.resume, cfg.run.report_to) == (4, 2, "auto", "tensorboard")
+    assert (cfg.run.seed, cfg.objective.name, cfg.model.pretrained) == (9, "paper", True)
+    assert cfg.model.grad_checkpointing is False
+    assert cfg.optim.betas == (0.8, 0.9)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--preset", "demo", "--lr-cnn", "-1"], "optim.lr_cnn: must be > 0, got -1.0"),
+    (["--preset", "demo", "--batch-size", "0"], "data.batch_size: must be >= 1, got 0"),
+    (["--preset", "demo", "--precision", "fp8"], "run.precision: must be one of"),
+    (["--preset", "demo", "--seed", "abc"], "run.seed: expected an integer, got 'abc'"),
+    (["--preset", "demo", "--keep-last", "0"], "run.keep_last: must be >= 1"),
+    (["--preset", "demo", "--model.drop_path_rate", "1.5"], "model.drop_path_rate: must be in [0, 1)"),
+    (["--max-steps", "3"], "data.shards: required"),
+    (["--preset", "demo", "--max-step", "3"], "did you mean --max-steps"),
+    (["--preset", "nope"], "preset: unknown preset 'nope'; choose one of ['demo', 'paper', 't4']"),
+])
+def test_bad_config_names_the_field(argv, message):
+    with pytest.raises(ConfigError) as info:
+        parse_pretrain_config(argv)
+    assert message in str(info.value)
+
+
+def test_bad_yaml_field_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"optim\.lr_cnnn: unknown field; did you mean optim\.lr_cnn"):
+        parse_pretrain_config(["--config", write_yaml(tmp_path / "c.yaml", {"optim": {"lr_cnnn": 1.0}})])
+    with pytest.raises(ConfigError, match=r"run: expected a mapping"):
+        parse_pretrain_config(["--config", write_yaml(tmp_path / "d.yaml", {"run": 3})])
+    with pytest.raises(ConfigError, match="does not exist"):
+        parse_pretrain_config(["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_saved_config_loads_back_equal(tmp_path):
+    cfg = parse_pretrain_config(["--preset", "t4", "--data", "x", "--model.vit_patch_size", "8"])
+    path = save_config(cfg, tmp_path / "config.yaml")
+    assert not list(tmp_path.glob(".*tmp*"))  # atomic write leaves no temp file
+    assert load_config(PretrainConfig, path) == cfg
+
+
+def test_presets_state_the_paper_and_t4_settings():
+    paper, t4, demo = PRESETS["paper"](), PRESETS["t4"](), PRESETS["demo"]()
+    assert (paper.model.cnn, paper.model.vit, paper.model.embed_dim) == ("resnet50", "vit_base_patch16_384", 1000)
+    assert (paper.objective.name, paper.optim.optimizer, paper.optim.lr_cnn, paper.optim.lr_vit) == ("paper", "adam", 1e-3, 1e-3)
+    assert (paper.data.batch_size, paper.data.image_size) == (16, 384)
+    assert (t4.run.precision, t4.model.grad_checkpointing, t4.model.vit) == ("fp16", True, paper.model.vit)
+    assert demo.run.precision == "fp32" and demo.data.image_size <= 64
+    assert PretrainConfig().objective.name == demo.objective.name  # one default, owned by the objectives module
+
+
+def test_a_new_config_reuses_the_machinery():
+    @dataclass
+    class HeadSection:
+        dropout: float = 0.0
+
+        def validate(self):
+            if not 0 <= self.dropout < 1:
+                raise FieldError("dropout", "must be in [0, 1)", self.dropout)
+
+    @dataclass
+    class FinetuneConfig:
+        run: RunSection = field(default_factory=RunSection)
+        head: HeadSection = field(default_factory=HeadSection)
+
+    presets = {"small": lambda: FinetuneConfig(head=HeadSection(dropout=0.1))}
+    cfg = parse_config(FinetuneConfig, ["--preset", "small", "--max-steps", "4"], presets=presets)
+    assert (cfg.head.dropout, cfg.run.max_steps) == (0.1, 4)
+    with pytest.raises(ConfigError, match=r"head\.dropout: must be in \[0, 1\), got 2\.0"):
+        parse_config(FinetuneConfig, ["--head.dropout", "2"], presets=presets)
