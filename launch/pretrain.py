@@ -5,11 +5,9 @@ the ``demo`` preset (tiny models, CPU, a few minutes). ``--help`` lists every fl
 """
 
 import logging
-import os
 import sys
 from pathlib import Path
 
-import torch
 from accelerate import PartialState
 
 from cass_dist.configs.base import ConfigError
@@ -17,15 +15,11 @@ from cass_dist.configs.pretrain import DEMO_SHARDS, parse_pretrain_config
 from cass_dist.data.manifest import MANIFEST_NAME
 from cass_dist.data.synthetic import build_synthetic
 from cass_dist.engine.pretrain import pretrain
-from cass_dist.utils.deepspeed import deepspeed_requested
+from cass_dist.engine.run import launch_on_cpu_if_no_gpu
 
 
 def main(argv: list[str]) -> int:
-    cpu = not torch.cuda.is_available()
-    if cpu and not deepspeed_requested():
-        # lets `accelerate launch --multi_gpu --num_processes N` run N gloo processes on a machine without
-        # GPUs; DeepSpeed is left alone, since Accelerate skips DeepSpeed entirely under this flag
-        os.environ["ACCELERATE_USE_CPU"] = "true"
+    cpu = launch_on_cpu_if_no_gpu()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file is noise here
     try:

@@ -95,6 +95,20 @@ def _process_group_kwargs() -> list:
     return []
 
 
+def launch_on_cpu_if_no_gpu() -> bool:
+    """On a machine without CUDA, make every launched process a gloo rank; return True if it did.
+
+    Without ``ACCELERATE_USE_CPU`` each process of ``accelerate launch --multi_gpu --num_processes N``
+    (or torchrun) on a CPU machine trains alone as rank 0 of 1. DeepSpeed is left alone: Accelerate
+    skips DeepSpeed entirely under that flag (``_process_group_kwargs`` names gloo for it instead).
+    Entry scripts call this before anything creates Accelerate state.
+    """
+    if torch.cuda.is_available() or deepspeed_requested():
+        return False
+    os.environ["ACCELERATE_USE_CPU"] = "true"
+    return True
+
+
 class Run:
     """One training job: Accelerator, run dir, trackers, signal-triggered stops, checkpoints.
 

@@ -1,0 +1,246 @@
+"""Does CASS pretraining help downstream? Measured through the product, on a real MedMNIST set, on CPU.
+
+For each seed, on the shards made by ``cass-shards medmnist``:
+
+1. probes on frozen features (weighted cosine kNN, k=20; logistic regression, C chosen on val) of
+   - raw pixels (no model),
+   - random-init backbones (resnet18 + vit_tiny, the same architecture as pretraining),
+   - CASS-pretrained backbones with the default objective (``engine.pretrain``, the ``demo`` preset
+     adapted to 28 px: ViT patch 7),
+   - CASS-pretrained backbones with the paper objective (``--objective paper``);
+2. fine-tuning (``engine.finetune``) of the CNN at 10% of the training labels from each init.
+
+Every unit of work is written to ``<work>/results.json`` as soon as it is done, so an interrupted run
+resumes where it stopped; ``--table`` only prints the table of what is there.
+
+    OMP_NUM_THREADS=1 python benchmarks/pretraining_helps.py --root ../shared/data/pneumoniamnist
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from cass_dist.configs.finetune import DownstreamModelSection, parse_finetune_config
+from cass_dist.configs.pretrain import parse_pretrain_config
+from cass_dist.data import build_loader
+from cass_dist.data.manifest import MANIFEST_NAME, write_json_atomic
+from cass_dist.engine.classifier import build_backbone
+from cass_dist.engine.finetune import finetune
+from cass_dist.engine.pretrain import pretrain
+from cass_dist.engine.probe import extract_features, knn_predict, linear_probe, probe_probabilities
+from cass_dist.metrics import compute_metrics
+
+INITS = ("random", "cass", "paper")  # cass = the default objective
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", default="pneumoniamnist", help="MedMNIST flag (pneumoniamnist, breastmnist)")
+    p.add_argument("--root", default="../shared/data/pneumoniamnist", help="folder holding <dataset>.npz")
+    p.add_argument("--work", default="runs/benchmarks/pretraining_helps", help="shards, runs and results.json")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--image-size", type=int, default=28)
+    p.add_argument("--patch", type=int, default=7, help="ViT patch size (28 px / 7 = 16 tokens)")
+    p.add_argument("--steps", type=int, default=120, help="pretraining steps")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--probe-fraction", type=float, default=0.5, help="share of train labels the probes fit on")
+    p.add_argument("--ft-fraction", type=float, default=0.1, help="label fraction for fine-tuning")
+    p.add_argument("--ft-epochs", type=int, default=10)
+    p.add_argument("--ft-patience", type=int, default=4, help="early-stopping patience in epochs (0: off)")
+    p.add_argument("--ft-lr", type=float, default=1e-3, help="fine-tuning lr (AdamW, warmup + cosine)")
+    p.add_argument("--inits", nargs="+", default=list(INITS), choices=INITS)
+    p.add_argument("--stages", nargs="+", default=["probes", "finetune"], choices=["probes", "finetune"])
+    p.add_argument("--table", action="store_true", help="only print the table of the results so far")
+    return p.parse_args(argv)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.work = Path(args.work)
+        self.shards = self.work / "shards" / args.dataset
+        self.results_path = self.work / "results.json"
+        self.results = json.loads(self.results_path.read_text()) if self.results_path.is_file() else {}
+
+    def done(self, key: str) -> bool:
+        return key in self.results
+
+    def record(self, key: str, value: dict) -> None:
+        self.results[key] = value
+        write_json_atomic(self.results_path, self.results)
+        print(f"{key}: {json.dumps(value)}", flush=True)
+
+    # ------------------------------------------------------------------ the stages
+    def make_shards(self) -> None:
+        if (self.shards / MANIFEST_NAME).is_file():
+            return
+        from cass_dist.data.__main__ import main as cass_shards
+
+        code = cass_shards(["medmnist", self.args.dataset, "--root", self.args.root, "--out", str(self.shards)])
+        if code:
+            raise SystemExit(f"cass-shards failed with exit code {code}")
+
+    def loader(self, split: str, fraction: float = 1.0, channels: int | None = 3):
+        return build_loader(self.shards, split, batch_size=256, train=False, image_size=self.args.image_size,
+                            transform="eval", label_fraction=fraction, channels=channels)
+
+    def probe(self, backbone: torch.nn.Module) -> dict:
+        """kNN and linear-probe test metrics of one frozen backbone."""
+        splits = {"train": self.loader("train", self.args.probe_fraction), "val": self.loader("val"),
+                  "test": self.loader("test")}
+        feats = {name: extract_features(backbone, loader) for name, loader in splits.items()}
+        manifest = splits["test"].manifest
+        (xt, yt, _), (xv, yv, _), (xq, yq, _) = feats["train"], feats["val"], feats["test"]
+        knn = knn_predict(xt, yt, xq, num_classes=manifest.num_classes, k=20)
+        linear = linear_probe(xt, yt, xv, yv, Cs=(0.01, 0.1, 1.0), max_iter=500)
+        out = {}
+        for name, probs in (("knn", knn), ("linear", torch.as_tensor(probe_probabilities(linear, xq, 2)))):
+            m = compute_metrics(probs, yq, task=manifest.task)
+            out[name] = {k: m[k] for k in ("accuracy", "f1_macro", "auroc_macro", "balanced_accuracy")}
+        return out
+
+    def raw_pixels(self) -> None:
+        if self.done("pixels"):
+            return
+        self.record("pixels", self.probe(_MeanChannelPixels()))
+
+    def pretrain_run(self, objective: str, seed: int) -> Path:
+        out = self.work / "pretrain" / f"{objective}-seed{seed}"
+        if (out / "export" / "model.json").is_file():
+            return out
+        a = self.args
+        argv = ["--preset", "demo", "--data", str(self.shards), "--image-size", str(a.image_size),
+                "--model.vit_patch_size", str(a.patch), "--max-steps", str(a.steps), "--batch-size",
+                str(a.batch_size), "--save-every", "0", "--knn-every", "0", "--log-every", "10",
+                "--seed", str(seed), "--output-dir", str(out)]
+        if objective != "default":
+            argv += ["--objective", objective]
+        started = time.time()
+        summary = pretrain(parse_pretrain_config(argv))
+        self.record(f"pretrain/{objective}/seed{seed}", {
+            "final_loss": summary.final_loss, "embed_std_cnn": summary.embed_std_cnn,
+            "embed_std_vit": summary.embed_std_vit, "seconds": time.time() - started})
+        return out
+
+    def init_path(self, init: str, seed: int) -> str:
+        if init == "random":
+            return "random"
+        return str(self.pretrain_run("default" if init == "cass" else "paper", seed))
+
+    def model_section(self, init: str) -> DownstreamModelSection:
+        return DownstreamModelSection(init=init, cnn="resnet18", vit="vit_tiny_patch16_224",
+                                      vit_kwargs={"img_size": self.args.image_size, "patch_size": self.args.patch})
+
+    def probes(self, init: str, seed: int) -> None:
+        key = f"probe/{init}/seed{seed}"
+        if self.done(key):
+            return
+        path = self.init_path(init, seed)
+        result = {}
+        for branch in ("cnn", "vit"):
+            torch.manual_seed(seed)  # random init: each seed its own weights
+            backbone, _ = build_backbone(self.model_section(path), branch)
+            result[branch] = self.probe(backbone)
+        self.record(key, result)
+
+    def finetune(self, init: str, seed: int) -> None:
+        key = f"finetune/{init}/seed{seed}"
+        if self.done(key):
+            return
+        a = self.args
+        out = self.work / "finetune" / f"{init}-seed{seed}"
+        cfg = parse_finetune_config([
+            "--data", str(self.shards), "--init", self.init_path(init, seed), "--branch", "cnn",
+            "--label-fraction", str(a.ft_fraction), "--image-size", str(a.image_size), "--batch-size", "32",
+            "--epochs", str(a.ft_epochs), "--patience", str(a.ft_patience), "--lr", f"{a.ft_lr:.10f}", "--warmup-steps", "10",
+            "--precision", "fp32", "--seed", str(seed), "--output-dir", str(out), "--log-every", "5"])
+        result = finetune(cfg)
+        test = result["test"]
+        self.record(key, {"accuracy": test["accuracy"], "f1_macro": test["f1_macro"],
+                          "auroc_macro": test["auroc_macro"], "best_step": result["best_step"],
+                          "steps": result["steps"]})
+
+    def run(self) -> None:
+        self.make_shards()
+        stages = self.args.stages
+        if "probes" in stages:
+            self.raw_pixels()
+        for init in self.args.inits:
+            for seed in self.args.seeds:
+                if "probes" in stages:
+                    self.probes(init, seed)
+                if "finetune" in stages:
+                    self.finetune(init, seed)
+
+
+class _MeanChannelPixels(torch.nn.Module):
+    """The 'no model' baseline: normalised pixels, channels averaged (MedMNIST grey images stored as RGB)."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return images.mean(dim=1).flatten(1)
+
+
+# ----------------------------------------------------------------------------- the table
+def _mean_std(values: list[float]) -> str:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return "-"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.fmean(values):.1f} ± {100 * std:.1f}"
+
+
+def table(results: dict, seeds: list[int], fraction: float) -> str:
+    """Return the markdown table: test accuracy / macro F1 (%), mean ± std over seeds."""
+    lines = ["| features / init | probe | CNN acc | CNN F1 | ViT acc | ViT F1 | seeds |", "|---|---|---|---|---|---|---|"]
+    if "pixels" in results:
+        for probe in ("knn", "linear"):
+            p = results["pixels"][probe]
+            lines.append(f"| raw pixels | {probe} | {100 * p['accuracy']:.1f} | {100 * p['f1_macro']:.1f} | - | - | - |")
+    names = {"random": "random init", "cass": "CASS (default objective)", "paper": "CASS (paper objective)"}
+    for init, label in names.items():
+        runs = [results[f"probe/{init}/seed{s}"] for s in seeds if f"probe/{init}/seed{s}" in results]
+        if not runs:
+            continue
+        for probe in ("knn", "linear"):
+            cells = [_mean_std([r[b][probe][m] for r in runs]) for b in ("cnn", "vit") for m in ("accuracy", "f1_macro")]
+            lines.append(f"| {label} | {probe} | " + " | ".join(cells) + f" | {len(runs)} |")
+    lines += ["", f"| fine-tuning (CNN, {fraction:g} of the labels) | test acc | test F1 | test AUROC | seeds |",
+              "|---|---|---|---|---|"]
+    for init, label in names.items():
+        runs = [results[f"finetune/{init}/seed{s}"] for s in seeds if f"finetune/{init}/seed{s}" in results]
+        if runs:
+            cells = [_mean_std([r[m] for r in runs]) for m in ("accuracy", "f1_macro", "auroc_macro")]
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {len(runs)} |")
+    lines += ["", "| pretraining | final loss | embedding std x sqrt(D), CNN | ViT | seeds |", "|---|---|---|---|---|"]
+    for objective in ("default", "paper"):
+        runs = [results[f"pretrain/{objective}/seed{s}"] for s in seeds if f"pretrain/{objective}/seed{s}" in results]
+        if runs:
+            # demo preset: D = 128; healthy spread is 1, collapse is 0
+            std = {b: statistics.fmean(r[f"embed_std_{b}"] * math.sqrt(128) for r in runs) for b in ("cnn", "vit")}
+            loss = statistics.fmean(r["final_loss"] for r in runs)
+            lines.append(f"| {objective} | {loss:.4f} | {std['cnn']:.3f} | {std['vit']:.3f} | {len(runs)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    bench = Bench(args)
+    if not args.table:
+        bench.run()
+    text = table(bench.results, args.seeds, args.ft_fraction)
+    print(text)
+    (bench.work / "table.md").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,201 @@
+"""Downstream configs: ``FinetuneConfig`` (launch/finetune.py) and ``EvaluateConfig`` (launch/evaluate.py).
+
+Both reuse the shared machinery of ``configs/base.py`` (defaults < preset < YAML < flags, errors
+naming the dotted field) and its ``RunSection`` (output dir, seed, precision, trackers, epochs,
+warmup, checkpoints), so a fine-tuning run is configured and resumed like a pretraining run.
+
+``model.init`` says where the backbone weights come from:
+
+- ``random``: fresh weights for the architecture in ``model.cnn`` / ``model.vit`` (+ ``*_kwargs``);
+- ``imagenet``: timm hub weights for that architecture (needs network or a filled cache);
+- a pretraining run dir, its ``export/`` dir or a ``.safetensors`` file: the CASS backbone(s).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from cass_dist.configs.base import RUN_ALIASES, FieldError, RunSection, parse_config
+from cass_dist.metrics import SCALAR_METRICS
+
+BUILTIN_INITS = ("random", "imagenet")
+
+
+@dataclass
+class DownstreamDataSection:
+    shards: str = ""  # directory holding manifest.json (made by cass-shards)
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    batch_size: int = 32  # per process
+    eval_batch_size: int = 0  # 0 = batch_size
+    num_workers: int = 0
+    image_size: int = 0  # 0 = the manifest's image size
+    label_fraction: float = 1.0  # stratified share of the training labels used
+    fraction_seed: int = 0  # which stratified subset; fixed across seeds so runs compare on the same labels
+    train_transform: str = "finetune"  # augmentation of training images ("eval": none)
+
+    def validate(self) -> None:
+        if not self.shards:
+            raise FieldError("shards", "required: a shard directory made by cass-shards (--data DIR)")
+        if not 0 < self.label_fraction <= 1:
+            raise FieldError("label_fraction", "must be in (0, 1] (a share of the training labels)",
+                             self.label_fraction)
+        for name in ("batch_size",):
+            if getattr(self, name) < 1:
+                raise FieldError(name, "must be >= 1", getattr(self, name))
+        for name in ("eval_batch_size", "num_workers", "image_size"):
+            if getattr(self, name) < 0:
+                raise FieldError(name, "must be >= 0", getattr(self, name))
+
+    @property
+    def eval_batch(self) -> int:
+        return self.eval_batch_size or self.batch_size
+
+
+@dataclass
+class DownstreamModelSection:
+    init: str = "random"  # random | imagenet | pretraining run dir | export dir | .safetensors file
+    branch: Literal["cnn", "vit", "both"] = "cnn"  # "both" averages the two branches' probabilities
+    cnn: str = "resnet18"  # architecture for init random / imagenet
+    vit: str = "vit_tiny_patch16_224"
+    cnn_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
+    vit_kwargs: dict[str, Any] = field(default_factory=dict)
+    head_dropout: float = 0.0
+    grad_checkpointing: bool = False
+
+    def validate(self) -> None:
+        if not self.init:
+            raise FieldError("init", f"must be one of {BUILTIN_INITS} or a run dir / export dir / .safetensors file")
+        if not 0 <= self.head_dropout < 1:
+            raise FieldError("head_dropout", "must be in [0, 1)", self.head_dropout)
+
+
+@dataclass
+class LossSection:
+    name: Literal["focal", "ce"] = "focal"  # ce: cross-entropy (multi-class) or BCE (binary, multi-label)
+    gamma: float = 2.0  # focal focusing strength
+    class_weights: bool = True  # weigh classes by the manifest's class_weights (rare classes weigh more)
+    alpha: float | None = None  # binary / multi-label only: weight of positives, instead of class_weights
+
+    def validate(self) -> None:
+        if self.gamma < 0:
+            raise FieldError("gamma", "must be >= 0", self.gamma)
+        if self.alpha is not None and not 0 <= self.alpha <= 1:
+            raise FieldError("alpha", "must be in [0, 1] (weight of positives) or null", self.alpha)
+        if self.alpha is not None and self.class_weights:
+            raise FieldError("alpha", "set either alpha or class_weights, not both", self.alpha)
+
+
+@dataclass
+class FinetuneOptimSection:
+    lr: float = 3e-4  # head and last block; earlier blocks get lr * layer_decay ** depth
+    weight_decay: float = 0.05
+    layer_decay: float = 1.0  # 1.0 = off; e.g. 0.75 for ViTs
+    betas: tuple[float, float] = (0.9, 0.999)
+
+    def validate(self) -> None:
+        if not self.lr > 0:
+            raise FieldError("lr", "must be > 0", self.lr)
+        if self.weight_decay < 0:
+            raise FieldError("weight_decay", "must be >= 0", self.weight_decay)
+        if not 0 < self.layer_decay <= 1:
+            raise FieldError("layer_decay", "must be in (0, 1] (1 = off)", self.layer_decay)
+
+
+@dataclass
+class EarlyStopSection:
+    metric: str = "f1_macro"  # validation metric to maximise
+    patience: int = 5  # evaluations without improvement before stopping; 0 = never stop early
+    min_delta: float = 0.0  # an improvement must exceed this
+    eval_every: int = 0  # steps between validations; 0 = once per epoch
+
+    def validate(self) -> None:
+        if self.metric not in SCALAR_METRICS:
+            raise FieldError("metric", f"must be one of {list(SCALAR_METRICS)}", self.metric)
+        for name in ("patience", "eval_every"):
+            if getattr(self, name) < 0:
+                raise FieldError(name, "must be >= 0", getattr(self, name))
+        if self.min_delta < 0:
+            raise FieldError("min_delta", "must be >= 0", self.min_delta)
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tune a CASS (or random / ImageNet) backbone on a labelled shard set."""
+
+    data: DownstreamDataSection = field(default_factory=DownstreamDataSection)
+    model: DownstreamModelSection = field(default_factory=DownstreamModelSection)
+    loss: LossSection = field(default_factory=LossSection)
+    optim: FinetuneOptimSection = field(default_factory=FinetuneOptimSection)
+    early_stop: EarlyStopSection = field(default_factory=EarlyStopSection)
+    run: RunSection = field(default_factory=lambda: RunSection(output_dir="runs/finetune", epochs=10,
+                                                               keep_last=1, log_every=10))
+
+
+@dataclass
+class ProbeSection:
+    kind: Literal["knn", "linear", "head"] = "knn"  # head: a fine-tuned run's own classifier
+    k: int = 20
+    temperature: float = 0.07
+    Cs: list[float] = field(default_factory=lambda: [0.001, 0.01, 0.1, 1.0, 10.0])
+    split: str = "test"  # the split scored; kNN / linear fit on train (C chosen on val)
+
+    def validate(self) -> None:
+        if self.k < 1:
+            raise FieldError("k", "must be >= 1", self.k)
+        if not self.temperature > 0:
+            raise FieldError("temperature", "must be > 0", self.temperature)
+        if not self.Cs or any(c <= 0 for c in self.Cs):
+            raise FieldError("Cs", "must be a non-empty list of positive numbers", self.Cs)
+
+
+@dataclass
+class EvaluateConfig:
+    """Evaluate frozen features (kNN, linear probe) or a fine-tuned classifier on a labelled shard set."""
+
+    data: DownstreamDataSection = field(default_factory=DownstreamDataSection)
+    model: DownstreamModelSection = field(default_factory=DownstreamModelSection)
+    probe: ProbeSection = field(default_factory=ProbeSection)
+    run: RunSection = field(default_factory=lambda: RunSection(output_dir="runs/evaluate"))
+
+
+def small() -> FinetuneConfig:
+    """Tiny CPU fine-tuning (resnet18 / 6-block vit_tiny, patch 8, at 32 px) matching the ``demo`` pretraining."""
+    cfg = FinetuneConfig()
+    cfg.model.vit_kwargs = {"img_size": 32, "patch_size": 8, "depth": 6}
+    cfg.data.image_size = 32
+    cfg.run.precision = "fp32"
+    cfg.run.epochs = 5
+    return cfg
+
+
+FINETUNE_PRESETS = {"small": small}
+EVALUATE_PRESETS: dict[str, Any] = {}
+
+_COMMON_ALIASES = {
+    **RUN_ALIASES,
+    "--data": "data.shards", "--batch-size": "data.batch_size", "--image-size": "data.image_size",
+    "--num-workers": "data.num_workers", "--label-fraction": "data.label_fraction",
+    "--init": "model.init", "--branch": "model.branch", "--cnn": "model.cnn", "--vit": "model.vit",
+}
+FINETUNE_ALIASES = {
+    **_COMMON_ALIASES,
+    "--loss": "loss.name", "--gamma": "loss.gamma", "--lr": "optim.lr", "--layer-decay": "optim.layer_decay",
+    "--weight-decay": "optim.weight_decay", "--metric": "early_stop.metric", "--patience": "early_stop.patience",
+    "--eval-every": "early_stop.eval_every",
+}
+EVALUATE_ALIASES = {**_COMMON_ALIASES, "--probe": "probe.kind", "--k": "probe.k", "--split": "probe.split"}
+
+
+def parse_finetune_config(argv: list[str] | None = None) -> FinetuneConfig:
+    """Return the validated FinetuneConfig from flags (see ``--help``); raise ConfigError naming the field."""
+    return parse_config(FinetuneConfig, argv, presets=FINETUNE_PRESETS, aliases=FINETUNE_ALIASES,
+                        prog="launch/finetune.py")
+
+
+def parse_evaluate_config(argv: list[str] | None = None) -> EvaluateConfig:
+    """Return the validated EvaluateConfig from flags (see ``--help``); raise ConfigError naming the field."""
+    return parse_config(EvaluateConfig, argv, presets=EVALUATE_PRESETS, aliases=EVALUATE_ALIASES,
+                        prog="launch/evaluate.py")

@@ -1,0 +1,212 @@
+"""The downstream classifier: backbone(s) from an init + a new head per branch; build, save, load, evaluate.
+
+``init`` is ``random`` / ``imagenet`` (the architecture named in the config) or a CASS export (run
+dir, export dir or ``.safetensors`` file, read by ``cass_dist.models.load_backbone``). A saved
+classifier is ``classifier.safetensors`` + ``classifier.json``; the JSON carries each branch's timm
+name and keywords, so it loads without the pretraining run it started from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from cass_dist.configs.finetune import BUILTIN_INITS, DownstreamDataSection, DownstreamModelSection
+from cass_dist.data import build_loader
+from cass_dist.data.manifest import Manifest
+from cass_dist.metrics import compute_metrics, gather_predictions
+from cass_dist.models import BackboneError, create_backbone, load_backbone, read_export_info
+
+WEIGHTS_FILE = "classifier.safetensors"
+INFO_FILE = "classifier.json"
+FORMAT_VERSION = 1
+
+
+def branches_of(branch: str) -> tuple[str, ...]:
+    """Return the backbone branches a ``--branch`` value uses; raise ValueError for an unknown one."""
+    if branch not in ("cnn", "vit", "both"):
+        raise ValueError(f"model.branch must be cnn, vit or both, got {branch!r}")
+    return ("cnn", "vit") if branch == "both" else (branch,)
+
+
+def build_backbone(model_cfg: DownstreamModelSection, branch: str) -> tuple[nn.Module, dict[str, Any]]:
+    """Return ``(backbone without classifier, spec)`` for one branch; spec = {"name", "timm_kwargs"}.
+
+    Raises BackboneError (unknown model or keyword, weights of another architecture),
+    WeightsUnavailableError (no export at the init path, or no ImageNet weights offline).
+    """
+    init = model_cfg.init
+    if init in BUILTIN_INITS:
+        name = model_cfg.cnn if branch == "cnn" else model_cfg.vit
+        kwargs = {**(model_cfg.cnn_kwargs if branch == "cnn" else model_cfg.vit_kwargs), "num_classes": 0}
+        if init == "imagenet":
+            backbone = create_backbone(name, pretrained=True, **kwargs)
+        else:
+            backbone = _create(name, kwargs)
+    else:
+        if not Path(init).exists():
+            raise FileNotFoundError(f"model.init {init!r}: no such run dir, export dir or file, and not one of "
+                                    f"{BUILTIN_INITS}")
+        spec = read_export_info(init)[branch]
+        name, kwargs = spec["name"], {**spec["timm_kwargs"], "num_classes": 0}
+        backbone = load_backbone(init, branch, num_classes=0)
+    if model_cfg.grad_checkpointing:
+        backbone.set_grad_checkpointing(True)
+    return backbone, {"name": name, "timm_kwargs": kwargs}
+
+
+def _create(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    if not timm.is_model(name):
+        raise BackboneError(f"timm has no model named {name!r} (see timm.list_models())")
+    try:
+        return timm.create_model(name, **kwargs)
+    except TypeError as err:
+        raise BackboneError(f"timm model {name!r} rejected keywords {sorted(kwargs)}: {err}") from err
+
+
+class Classifier(nn.Module):
+    """One or two backbones, each with its own linear head for the task.
+
+    ``forward(images)`` returns ``{branch: logits}`` (N x C; N for binary, one logit for the positive
+    class); ``probabilities(logits)`` turns them into N x C class probabilities, averaged over branches.
+    """
+
+    def __init__(self, backbones: dict[str, nn.Module], *, task: str, num_classes: int, dropout: float = 0.0,
+                 specs: dict[str, dict] | None = None):
+        super().__init__()
+        self.task, self.num_classes = task, num_classes
+        self.specs = specs or {}
+        outputs = 1 if task == "binary" else num_classes
+        self.backbones = nn.ModuleDict(backbones)
+        self.heads = nn.ModuleDict({
+            name: nn.Sequential(nn.Dropout(dropout), nn.Linear(backbone.num_features, outputs))
+            for name, backbone in backbones.items()
+        })
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, backbone in self.backbones.items():
+            logits = self.heads[name](backbone(images))
+            out[name] = logits[:, 0] if self.task == "binary" else logits
+        return out
+
+    def probabilities(self, logits: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Return N x C probabilities (softmax, or sigmoid per label / for the positive class), branch-averaged."""
+        probs = []
+        for out in logits.values():
+            out = out.float()
+            if self.task == "multi-class":
+                probs.append(out.softmax(dim=1))
+            elif self.task == "binary":
+                positive = out.sigmoid()
+                probs.append(torch.stack([1 - positive, positive], dim=1))
+            else:
+                probs.append(out.sigmoid())
+        return torch.stack(probs).mean(dim=0)
+
+
+def build_classifier(model_cfg: DownstreamModelSection, manifest: Manifest) -> Classifier:
+    """Return a Classifier for the manifest's task with backbone(s) from ``model_cfg.init``."""
+    built = {branch: build_backbone(model_cfg, branch) for branch in branches_of(model_cfg.branch)}
+    return Classifier({b: m for b, (m, _) in built.items()}, task=manifest.task, num_classes=manifest.num_classes,
+                      dropout=model_cfg.head_dropout, specs={b: s for b, (_, s) in built.items()})
+
+
+def save_classifier(model: Classifier, state_dict: dict[str, torch.Tensor], out_dir: str | os.PathLike,
+                    *, class_names: list[str], extra: dict | None = None) -> Path:
+    """Write ``classifier.safetensors`` + ``classifier.json`` into ``out_dir`` atomically; return ``out_dir``.
+
+    The files are written to a sibling temp dir that then replaces ``out_dir``, so ``out_dir`` is
+    always either the previous complete classifier or the new one.
+    """
+    out = Path(out_dir)
+    tmp, old = out.with_name(f".tmp-{out.name}"), out.with_name(f".old-{out.name}")
+    for stale in (tmp, old):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(tmp / WEIGHTS_FILE))
+    info = {"format_version": FORMAT_VERSION, "task": model.task, "class_names": list(class_names),
+            "dropout": float(model.heads[next(iter(model.heads))][0].p), "branches": model.specs,
+            "extra": extra or {}}
+    (tmp / INFO_FILE).write_text(json.dumps(info, indent=1, default=str))
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def is_classifier_dir(path: str | os.PathLike) -> bool:
+    """Return True when ``path`` (or its ``best/``) holds a saved fine-tuned classifier."""
+    return _classifier_dir(Path(path)) is not None
+
+
+def _classifier_dir(path: Path) -> Path | None:
+    for candidate in (path, path / "best"):
+        if (candidate / INFO_FILE).is_file() and (candidate / WEIGHTS_FILE).is_file():
+            return candidate
+    return None
+
+
+def load_classifier(path: str | os.PathLike, manifest: Manifest | None = None) -> Classifier:
+    """Return the fine-tuned Classifier saved at ``path`` (its dir, or a fine-tuning run dir with ``best/``).
+
+    With ``manifest``, its task and class names must equal the checkpoint head's. Raises
+    FileNotFoundError (no classifier there), ValueError (classes or task differ from the dataset),
+    BackboneError (weights that do not fit the recorded architecture).
+    """
+    found = _classifier_dir(Path(path))
+    if found is None:
+        raise FileNotFoundError(f"{path}: no fine-tuned classifier ({INFO_FILE} + {WEIGHTS_FILE}, "
+                                f"or best/ holding them); run launch/finetune.py first")
+    info = json.loads((found / INFO_FILE).read_text())
+    if manifest is not None and (info["class_names"] != manifest.class_names or info["task"] != manifest.task):
+        raise ValueError(f"{found}: the checkpoint's head was trained for {info['task']} classes "
+                         f"{info['class_names']}, but the dataset has {manifest.task} classes {manifest.class_names}")
+    backbones = {b: _create(s["name"], dict(s["timm_kwargs"])) for b, s in info["branches"].items()}
+    model = Classifier(backbones, task=info["task"], num_classes=len(info["class_names"]),
+                       dropout=info.get("dropout", 0.0), specs=info["branches"])
+    try:
+        model.load_state_dict(load_file(str(found / WEIGHTS_FILE)))
+    except RuntimeError as err:
+        raise BackboneError(f"{found / WEIGHTS_FILE} does not fit the architecture in {INFO_FILE}: {err}") from err
+    return model
+
+
+@torch.no_grad()
+def evaluate_classifier(model: Classifier, accelerator, data_cfg: DownstreamDataSection, split: str) -> dict:
+    """Return compute_metrics over the whole ``split`` (every rank evaluates its share; gathered exactly)."""
+    loader = build_loader(data_cfg.shards, split, batch_size=data_cfg.eval_batch, train=False,
+                          rank=accelerator.process_index, world_size=accelerator.num_processes,
+                          num_workers=data_cfg.num_workers, image_size=data_cfg.image_size or None,
+                          transform="eval")
+    was_training = model.training
+    model.eval()
+    probs, labels, keys = [], [], []
+    with accelerator.autocast():
+        for batch in loader:
+            probs.append(model.probabilities(model(batch["image"].to(accelerator.device))))
+            labels.append(batch["label"].to(accelerator.device))
+            keys.extend(batch["key"])
+    model.train(was_training)
+    gathered = gather_predictions(accelerator, torch.cat(probs) if probs else None,
+                                  torch.cat(labels) if labels else None, keys)
+    return compute_metrics(gathered[0], gathered[1], task=loader.manifest.task,
+                           class_names=loader.manifest.class_names)
+
+
+def dataset_name(manifest: Manifest, shards: str | os.PathLike) -> str:
+    """Return a short dataset name for reports: the source's name argument, else the shard dir's name."""
+    args = manifest.source.get("args", {}) if isinstance(manifest.source, dict) else {}
+    for key in ("name", "flag", "dataset"):
+        if isinstance(args.get(key), str) and args[key]:
+            return args[key]
+    return Path(shards).resolve().name

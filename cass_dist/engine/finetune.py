@@ -1,0 +1,238 @@
+"""Fine-tuning loop: a CASS (or random / ImageNet) backbone + a new head, trained on labels.
+
+    config -> Run (the pretraining's Accelerator, precision, run dir, trackers, signals, checkpoints)
+    -> Classifier for the manifest's task -> AdamW (optional layer-wise lr decay), warmup + cosine by
+    global step -> validate every epoch (or eval_every steps): early stopping on a chosen metric,
+    ``best/`` kept -> ``best/`` evaluated on test -> metrics.json + plots.
+
+A fine-tuning run dir holds, besides the Run's files, ``best/classifier.safetensors`` with
+``best/classifier.json`` (task, class names, each branch's timm name and keywords: enough to rebuild
+it without the pretraining run), ``metrics.json``, ``curves.png`` and ``confusion_matrix.png``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import asdict
+
+import torch
+
+from cass_dist.configs.finetune import FinetuneConfig
+from cass_dist.data import build_loader, load_manifest
+from cass_dist.data.manifest import Manifest, write_json_atomic
+from cass_dist.engine.checkpoint import TrainState
+from cass_dist.engine.classifier import (
+    Classifier,
+    build_classifier,
+    dataset_name,
+    evaluate_classifier,
+    load_classifier,
+    save_classifier,
+)
+from cass_dist.engine.pretrain import lr_factor
+from cass_dist.engine.run import Run
+from cass_dist.losses import focal_loss
+from cass_dist.metrics import write_metrics
+from cass_dist.plots import log_images, plot_confusion_matrix, plot_curves
+
+BEST_DIR = "best"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The fine-tuning loss was NaN/inf for ``run.max_nonfinite_steps`` steps in a row."""
+
+
+def build_optimizer(cfg: FinetuneConfig, model: Classifier) -> tuple[torch.optim.Optimizer, list[float]]:
+    """Return AdamW over the classifier and each group's base lr (lr x its layer-decay scale).
+
+    With ``optim.layer_decay`` < 1 each backbone's groups come from timm's ``param_groups_layer_decay``
+    (its own block structure), so block i of n gets ``lr * layer_decay ** (n - i)``; heads get ``lr``.
+    Norms and biases get no weight decay.
+    """
+    from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+
+    o = cfg.optim
+    groups = []
+    for backbone in model.backbones.values():
+        if o.layer_decay < 1:
+            groups += param_groups_layer_decay(backbone, weight_decay=o.weight_decay, layer_decay=o.layer_decay)
+        else:
+            groups += param_groups_weight_decay(backbone, weight_decay=o.weight_decay)
+    groups += param_groups_weight_decay(model.heads, weight_decay=o.weight_decay)
+    base_lrs = [o.lr * g.get("lr_scale", 1.0) for g in groups]
+    for group, lr in zip(groups, base_lrs):
+        group["lr"] = lr
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas)), base_lrs
+
+
+def compute_loss(cfg: FinetuneConfig, manifest: Manifest, logits: dict[str, torch.Tensor],
+                 labels: torch.Tensor) -> torch.Tensor:
+    """Return the summed loss of every branch: focal, or cross-entropy / BCE (focal with gamma 0)."""
+    gamma = cfg.loss.gamma if cfg.loss.name == "focal" else 0.0
+    alpha = manifest.class_weights if cfg.loss.class_weights else cfg.loss.alpha
+    return sum(focal_loss(out, labels, task=manifest.task, alpha=alpha, gamma=gamma) for out in logits.values())
+
+
+def build_train_loader(cfg: FinetuneConfig, accelerator, epoch: int, start_batch: int):
+    """Return this rank's training loader (augmented, label fraction applied) for ``epoch``."""
+    d = cfg.data
+    return build_loader(d.shards, d.train_split, batch_size=d.batch_size, train=True,
+                        rank=accelerator.process_index, world_size=accelerator.num_processes,
+                        num_workers=d.num_workers, seed=cfg.run.seed, epoch=epoch, image_size=d.image_size or None,
+                        label_fraction=d.label_fraction, fraction_seed=d.fraction_seed, transform=d.train_transform,
+                        start_batch=start_batch)
+
+
+def finetune(cfg: FinetuneConfig) -> dict:
+    """Fine-tune as configured; return the metrics written to ``<run dir>/metrics.json``.
+
+    Raises ManifestError (bad shard dir), ValueError / BackboneError / WeightsUnavailableError (a bad
+    ``model.init``), CheckpointError (bad ``--resume``), NonFiniteLossError.
+    """
+    run = Run(cfg.run, config=cfg)
+    try:
+        return _train(cfg, run)
+    finally:
+        run.finish()
+
+
+def _train(cfg: FinetuneConfig, run: Run) -> dict:
+    acc, accum, stop = run.accelerator, cfg.run.grad_accum_steps, cfg.early_stop
+    manifest = load_manifest(cfg.data.shards)
+    model = build_classifier(cfg.model, manifest)
+    optimizer, base_lrs = build_optimizer(cfg, model)
+    model, optimizer = acc.prepare(model, optimizer)
+    state = run.resume()
+    track = state.extra.setdefault("early_stop", {"best": None, "best_step": 0, "bad_evals": 0, "done": False})
+
+    batches_per_epoch = len(build_train_loader(cfg, acc, 0, 0))
+    steps_per_epoch = batches_per_epoch // accum
+    if steps_per_epoch < 1:
+        raise ValueError(f"data.batch_size: the training split gives fewer micro-batches per process than "
+                         f"run.grad_accum_steps={accum}")
+    total_steps = cfg.run.max_steps or cfg.run.epochs * steps_per_epoch
+    run.print(f"fine-tuning {cfg.model.branch} from {cfg.model.init} on {manifest.task} "
+              f"({manifest.num_classes} classes, label fraction {cfg.data.label_fraction}): {total_steps} steps")
+
+    bad_in_a_row, loss_sum, loss_count = 0, torch.zeros((), device=acc.device), 0
+    stopping = False  # agreed by all ranks (run.should_stop); run.stop_signal alone is per-process
+    while state.global_step < total_steps and not track["done"] and not stopping:
+        batches = iter(build_train_loader(cfg, acc, state.epoch, state.batch_in_epoch))
+        model.train()
+        while state.global_step < total_steps:
+            window = list(itertools.islice(batches, accum))
+            if len(window) < accum:
+                break
+            factor = lr_factor(state.global_step, total_steps, cfg.run.warmup_steps, cfg.run.min_lr_ratio)
+            for group, lr in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = lr * factor
+            finite = True
+            for batch in window:
+                with acc.accumulate(model):
+                    logits = model(batch["image"].to(acc.device, non_blocking=True))
+                    loss = compute_loss(cfg, manifest, logits, batch["label"].to(acc.device))
+                    # All ranks agree before backward, or DDP would wait for a rank that skipped.
+                    ok = bool(acc.reduce(torch.isfinite(loss.detach()).float(), "min") > 0)
+                    finite &= ok
+                    if ok:
+                        acc.backward(loss)
+                        loss_sum += loss.detach()
+                        loss_count += 1
+                    if acc.sync_gradients:
+                        if finite and cfg.run.clip_grad:
+                            acc.clip_grad_norm_(model.parameters(), cfg.run.clip_grad)
+                        if finite:
+                            optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+            state.global_step += 1
+            state.batch_in_epoch += accum
+            epoch_done = state.batch_in_epoch + accum > batches_per_epoch
+            if epoch_done:
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            bad_in_a_row = 0 if finite else bad_in_a_row + 1
+            state.nonfinite_steps += 0 if finite else 1
+            if bad_in_a_row >= cfg.run.max_nonfinite_steps:
+                raise NonFiniteLossError(f"the fine-tuning loss was non-finite for {bad_in_a_row} steps in a row "
+                                         f"(step {state.global_step}); lower optim.lr or use run.precision fp32")
+
+            if state.global_step % cfg.run.log_every == 0 and loss_count:
+                train_loss = float(acc.reduce(loss_sum, "mean")) / loss_count
+                run.log(state.global_step, {"train_loss": train_loss, "lr": optimizer.param_groups[-1]["lr"],
+                                            "epoch": state.epoch})
+                loss_sum.zero_()
+                loss_count = 0
+            last = state.global_step == total_steps
+            if (stop.eval_every and state.global_step % stop.eval_every == 0) or \
+                    (not stop.eval_every and epoch_done) or last:
+                _validate(cfg, run, model, manifest, state, track)
+                run.save(state)
+                model.train()
+            stopping = run.should_stop()
+            if track["done"] or stopping or epoch_done:
+                break
+    if stopping:
+        run.save(state)
+        run.print(f"stop requested at step {state.global_step}: checkpointed; resume with --resume auto")
+        return {}
+    if track["best"] is None:  # the metric was never defined (NaN): keep the last model as the best
+        _save_best(cfg, run, model, manifest, state, math.nan)
+    return _finish(cfg, run, manifest, state, track)
+
+
+def _validate(cfg: FinetuneConfig, run: Run, model, manifest: Manifest, state: TrainState, track: dict) -> None:
+    """Score val, log it, keep ``best/`` on improvement and count evaluations without one."""
+    acc, stop = run.accelerator, cfg.early_stop
+    metrics = evaluate_classifier(acc.unwrap_model(model), acc, cfg.data, cfg.data.val_split)
+    value = metrics[stop.metric]
+    run.log(state.global_step, {f"val_{k}": v for k, v in metrics.items() if isinstance(v, float)})
+    improved = not math.isnan(value) and (track["best"] is None or value > track["best"] + stop.min_delta)
+    if improved:
+        track.update(best=value, best_step=state.global_step, bad_evals=0)
+        _save_best(cfg, run, model, manifest, state, value)
+    else:
+        track["bad_evals"] += 1
+        if stop.patience and track["bad_evals"] >= stop.patience:
+            track["done"] = True
+            run.print(f"early stop at step {state.global_step}: val {stop.metric} has not improved for "
+                      f"{track['bad_evals']} evaluations (best {track['best']:.4f} at step {track['best_step']})")
+    best = math.nan if track["best"] is None else track["best"]
+    run.print(f"step {state.global_step}: val {stop.metric} {value:.4f} (best {best:.4f})")
+
+
+def _save_best(cfg: FinetuneConfig, run: Run, model, manifest: Manifest, state: TrainState, value: float) -> None:
+    """Write the current model as ``best/`` (call on every rank: ZeRO-3 shards are gathered)."""
+    acc = run.accelerator
+    state_dict = acc.get_state_dict(model)
+    if run.is_main:
+        save_classifier(acc.unwrap_model(model), state_dict, run.dir / BEST_DIR, class_names=manifest.class_names,
+                        extra={"step": state.global_step, "metric": cfg.early_stop.metric, "value": value,
+                               "init": cfg.model.init, "manifest_digest": manifest.digest()})
+    acc.wait_for_everyone()
+
+
+def _finish(cfg: FinetuneConfig, run: Run, manifest: Manifest, state: TrainState, track: dict) -> dict:
+    """Evaluate ``best/`` on val and test, write metrics.json and the plots; return the metrics."""
+    acc = run.accelerator
+    best = load_classifier(run.dir / BEST_DIR, manifest).to(acc.device)
+    val = evaluate_classifier(best, acc, cfg.data, cfg.data.val_split)
+    test = evaluate_classifier(best, acc, cfg.data, cfg.data.test_split)
+    result = {
+        "kind": "finetune", "dataset": dataset_name(manifest, cfg.data.shards), "task": manifest.task,
+        "init": cfg.model.init, "branch": cfg.model.branch, "label_fraction": cfg.data.label_fraction,
+        "seed": cfg.run.seed, "best_step": track["best_step"], "steps": state.global_step,
+        "early_stopped": bool(track["done"]), "selection_metric": cfg.early_stop.metric,
+        "split": cfg.data.test_split, "val": val, "test": test, "config": asdict(cfg),
+    }
+    if run.is_main:
+        write_metrics(run.dir / "metrics.json", result)
+        images = [plot_curves(run.metrics_path, run.dir / "curves.png"),
+                  plot_confusion_matrix(test["confusion_matrix"], test["class_names"],
+                                        run.dir / "confusion_matrix.png", task=manifest.task,
+                                        title=f"{cfg.data.test_split}: {cfg.model.branch} from {cfg.model.init}")]
+        log_images(acc, images, step=state.global_step)
+        write_json_atomic(run.dir / "early_stop.json", track)
+        run.print(f"test {cfg.early_stop.metric} {test[cfg.early_stop.metric]:.4f}, accuracy {test['accuracy']:.4f}, "
+                  f"AUROC {test['auroc_macro']:.4f} (best step {track['best_step']}); {run.dir / 'metrics.json'}")
+    acc.wait_for_everyone()
+    return result

@@ -1,0 +1,119 @@
+"""Fine-tuning: label-fraction plumbing, early stopping, the saved classifier, and bad inputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from types import SimpleNamespace
+
+import pytest
+
+from cass_dist.configs.base import ConfigError
+from cass_dist.configs.finetune import parse_evaluate_config, parse_finetune_config
+from cass_dist.data import load_manifest
+from cass_dist.data.sharding import read_split_index
+from cass_dist.data.splits import select_label_fraction
+from cass_dist.engine.classifier import build_backbone, load_classifier
+from cass_dist.engine.finetune import build_train_loader, finetune
+from cass_dist.models import BackboneError, WeightsUnavailableError
+
+
+def finetune_args(shards, out, *extra: str) -> list[str]:
+    return ["--data", str(shards), "--init", "random", "--branch", "cnn", "--batch-size", "16",
+            "--image-size", "32", "--precision", "fp32", "--log-every", "1", "--output-dir", str(out), *extra]
+
+
+def test_label_fraction_reaches_the_loader(syn_shards):
+    cfg = parse_finetune_config(finetune_args(syn_shards, "unused", "--label-fraction", "0.25",
+                                              "--data.fraction_seed", "3", "--batch-size", "1"))
+    single = SimpleNamespace(process_index=0, num_processes=1)
+    keys = [k for batch in build_train_loader(cfg, single, 0, 0) for k in batch["key"]]
+    manifest = load_manifest(syn_shards)
+    index = read_split_index(syn_shards, manifest, "train")
+    expected = select_label_fraction([index.labels[k] for k in index.keys], 0.25, seed=3, task=manifest.task)
+    assert sorted(keys) == sorted(index.keys[i] for i in expected)
+    assert len(keys) == pytest.approx(0.25 * manifest.split("train").count, abs=manifest.num_classes)
+
+
+@pytest.mark.parametrize("fraction", ["0", "1.5", "-0.1"])
+def test_label_fraction_out_of_range_is_refused(syn_shards, fraction):
+    with pytest.raises(ConfigError, match="data.label_fraction"):
+        parse_finetune_config(finetune_args(syn_shards, "unused", "--label-fraction", fraction))
+    with pytest.raises(ConfigError, match="data.label_fraction"):
+        parse_evaluate_config(["--data", str(syn_shards), "--label-fraction", fraction])
+
+
+def test_early_stopping_stops_after_patience_and_keeps_best(syn_shards, binary_shards, tmp_path):
+    # lr so small that val F1 cannot rise by min_delta: evaluation 2 is not an improvement -> stop.
+    args = ["--max-steps", "6", "--eval-every", "1", "--patience", "1", "--early_stop.min_delta", "0.5",
+            "--lr", "0.000000001", "--label-fraction", "0.5"]
+    stopped = finetune(parse_finetune_config(finetune_args(syn_shards, tmp_path / "stop", *args)))
+    assert stopped["early_stopped"] and stopped["steps"] == 2 and stopped["best_step"] == 1
+    assert stopped["label_fraction"] == 0.5
+    evals = [json.loads(line) for line in (tmp_path / "stop/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in evals if "val_f1_macro" in r] == [1, 2]
+    on_disk = json.loads((tmp_path / "stop/metrics.json").read_text())
+    assert on_disk["test"]["f1_macro"] == pytest.approx(stopped["test"]["f1_macro"])
+    assert (tmp_path / "stop/curves.png").stat().st_size > 0
+    assert (tmp_path / "stop/confusion_matrix.png").stat().st_size > 0
+
+    args[args.index("--patience") + 1] = "0"  # patience 0: never stop early
+    full = finetune(parse_finetune_config(finetune_args(syn_shards, tmp_path / "full", *args)))
+    assert not full["early_stopped"] and full["steps"] == 6
+
+    # The saved best classifier refuses a dataset with other classes, and another architecture.
+    manifest = load_manifest(syn_shards)
+    assert load_classifier(tmp_path / "stop", manifest).num_classes == 3
+    with pytest.raises(ValueError, match="classes"):
+        load_classifier(tmp_path / "stop", load_manifest(binary_shards))
+    info_path = tmp_path / "stop/best/classifier.json"
+    info = json.loads(info_path.read_text())
+    info["branches"]["cnn"]["name"] = "resnet34"
+    info_path.write_text(json.dumps(info))
+    with pytest.raises(BackboneError, match="does not fit"):
+        load_classifier(tmp_path / "stop", manifest)
+
+
+def test_bad_init_paths(tiny_export, tmp_path):
+    cfg = parse_finetune_config(["--data", "x", "--init", str(tiny_export), "--branch", "vit"]).model
+    backbone, spec = build_backbone(cfg, "vit")
+    assert spec["name"] == "vit_tiny_patch16_224" and spec["timm_kwargs"]["num_classes"] == 0
+    assert backbone.num_classes == 0
+
+    no_export = tmp_path / "run_without_export"
+    (no_export / "checkpoints").mkdir(parents=True)
+    cfg.init = str(no_export)
+    with pytest.raises(WeightsUnavailableError, match="no export"):
+        build_backbone(cfg, "cnn")
+
+    cfg.init = str(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="no such run dir"):
+        build_backbone(cfg, "cnn")
+
+    # A checkpoint of another architecture: the CNN's weights where the ViT's should be.
+    swapped = tmp_path / "swapped"
+    shutil.copytree(tiny_export, swapped)
+    shutil.copy(swapped / "export/cnn.safetensors", swapped / "export/vit.safetensors")
+    cfg.init = str(swapped)
+    with pytest.raises(BackboneError, match="resnet18"):
+        build_backbone(cfg, "vit")
+
+
+def test_layer_decay_scales_lr_by_depth_and_heads_keep_full_lr(syn_shards):
+    from cass_dist.engine.classifier import build_classifier
+    from cass_dist.engine.finetune import build_optimizer
+
+    cfg = parse_finetune_config(finetune_args(syn_shards, "unused", "--layer-decay", "0.5", "--lr", "0.01"))
+    model = build_classifier(cfg.model, load_manifest(syn_shards))
+    optimizer, base_lrs = build_optimizer(cfg, model)
+    lr_of = {id(p): lr for group, lr in zip(optimizer.param_groups, base_lrs) for p in group["params"]}
+    assert len(lr_of) == sum(1 for _ in model.parameters())  # every parameter is optimised exactly once
+    assert lr_of[id(model.heads["cnn"][1].weight)] == pytest.approx(0.01)
+    # As configured (timm's grouping): the last block keeps lr, each earlier block gets another x0.5.
+    cnn = model.backbones["cnn"]
+    stem, before_last, last = cnn.conv1.weight, cnn.layer4[0].conv2.weight, cnn.layer4[-1].conv2.weight
+    assert lr_of[id(last)] == pytest.approx(0.01)
+    assert lr_of[id(before_last)] == pytest.approx(0.005)
+    assert lr_of[id(stem)] < 0.01 * 0.5 ** 5
+    no_decay = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert id(model.heads["cnn"][1].bias) in no_decay and id(stem) not in no_decay
