@@ -20,3 +20,12 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} is absent (real datasets live beside the repo only on the dev machines)")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def restore_environ():
+    """Entry points called in-process set variables (ACCELERATE_USE_CPU); keep them out of later tests."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)

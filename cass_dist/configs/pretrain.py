@@ -51,7 +51,9 @@ class ModelSection:
     cnn: str = "resnet50"
     vit: str = "vit_base_patch16_224"
     embed_dim: int = 1000  # the paper uses the 1000-d ImageNet classifier outputs
-    head: Literal["linear", "mlp"] = "linear"  # linear: the timm classifier (paper); mlp: BN projector
+    # mlp: a BatchNorm projector per branch, which keeps the ViT from collapsing under the default
+    # objective (docs/objectives.md); linear: the timm classifier outputs, as in the paper
+    head: Literal["linear", "mlp"] = "mlp"
     proj_hidden_dim: int = 2048
     vit_patch_size: int | None = None  # None: the model's own; small images want small patches
     drop_path_rate: float | None = None
@@ -148,8 +150,8 @@ def demo() -> PretrainConfig:
     """Tiny models on the synthetic shards: CPU, about two minutes on 2 cores."""
     return PretrainConfig(
         data=DataSection(shards=DEMO_SHARDS, batch_size=64, image_size=32),
-        model=ModelSection(cnn="resnet18", vit="vit_tiny_patch16_224", embed_dim=128, vit_patch_size=8,
-                           channels_last=False),
+        model=ModelSection(cnn="resnet18", vit="vit_tiny_patch16_224", embed_dim=128, proj_hidden_dim=512,
+                           vit_patch_size=8, channels_last=False),
         optim=OptimSection(lr_cnn=1e-3, lr_vit=1e-3, weight_decay_cnn=0.05, weight_decay_vit=0.05),
         run=RunSection(output_dir="runs/demo", precision="fp32", max_steps=80, warmup_steps=10,
                        save_every=40, log_every=10, resume="auto"),  # a second launch continues, not clashes
@@ -161,7 +163,8 @@ def paper() -> PretrainConfig:
     """The original CASS hyperparameters (see the module docstring)."""
     return PretrainConfig(
         data=DataSection(batch_size=16, image_size=384),
-        model=ModelSection(cnn="resnet50", vit="vit_base_patch16_384", embed_dim=1000, pretrained=True),
+        model=ModelSection(cnn="resnet50", vit="vit_base_patch16_384", embed_dim=1000, head="linear",
+                           pretrained=True),
         objective=ObjectiveSection(name="paper"),
         optim=OptimSection(optimizer="adam", lr_cnn=1e-3, lr_vit=1e-3),
         run=RunSection(output_dir="runs/paper", epochs=50),

@@ -51,7 +51,7 @@ def merged_ranks_loader(cfg, accelerator, epoch, start_batch):
 def args(shards, out, batch_size):
     return ["--data", str(shards), "--output-dir", str(out), "--cnn", "test_convnext", "--vit", "test_vit",
             "--model.vit_patch_size", "8", "--embed-dim", "32", "--image-size", "32", "--batch-size", str(batch_size),
-            "--precision", "fp32", "--model.channels_last", "false", "--objective", "paper",
+            "--precision", "fp32", "--model.channels_last", "false", "--objective", "paper", "--head", "linear",
             "--data.transform", "eval", "--optim.eps", "1e-4", "--lr-cnn", "3e-3", "--lr-vit", "3e-3",
             "--max-steps", "4", "--warmup-steps", "1", "--log-every", "1"]
 

@@ -124,10 +124,12 @@ def test_too_many_non_finite_steps_stop_with_the_last_good_checkpoint(shards, tm
 
 @pytest.mark.slow
 def test_gradient_accumulation_equals_the_big_batch(shards, tmp_path):
-    # Valid comparison: per-sample loss (paper), no BatchNorm (convnext uses LayerNorm), no random augmentation.
+    # Valid comparison: per-sample loss (paper), no BatchNorm (convnext uses LayerNorm, linear heads instead
+    # of the BatchNorm projectors), no random augmentation.
     # A large Adam eps: the ViT's key bias has an exactly-zero true gradient, and Adam would blow its
     # rounding noise (different summation orders) up to full-size steps.
-    common = ["--cnn", "test_convnext", "--objective", "paper", "--data.transform", "eval", "--max-steps", "3",
+    common = ["--cnn", "test_convnext", "--objective", "paper", "--head", "linear", "--data.transform", "eval",
+              "--max-steps", "3",
               "--optim.eps", "1e-4"]
     small = build_loader(shards, "train", batch_size=8, train=True, transform="eval")
     big = build_loader(shards, "train", batch_size=16, train=True, transform="eval")

@@ -29,6 +29,9 @@ out = {"rank": acc.process_index, "world": acc.num_processes, "type": str(acc.di
        "master": os.environ["MASTER_ADDR"]}
 with open(os.path.join(sys.argv[1], f"rank{acc.process_index}.json"), "w") as f:
     json.dump(out, f)
+# Leave together: a rank exiting while gloo still talks to the other can abort it (SIGABRT).
+acc.wait_for_everyone()
+dist.destroy_process_group()
 '''
 
 
