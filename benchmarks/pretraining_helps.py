@@ -121,8 +121,8 @@ class Bench:
                 "--model.vit_patch_size", str(a.patch), "--max-steps", str(a.steps), "--batch-size",
                 str(a.batch_size), "--save-every", "0", "--knn-every", "0", "--log-every", "10",
                 "--seed", str(seed), "--output-dir", str(out)]
-        if objective != "default":
-            argv += ["--objective", objective]
+        if objective == "paper":  # exactly the paper: its loss on the linear (timm classifier) heads
+            argv += ["--objective", "paper", "--head", "linear"]
         started = time.time()
         summary = pretrain(parse_pretrain_config(argv))
         self.record(f"pretrain/{objective}/seed{seed}", {

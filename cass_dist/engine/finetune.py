@@ -30,8 +30,8 @@ from cass_dist.engine.classifier import (
     load_classifier,
     save_classifier,
 )
-from cass_dist.engine.pretrain import lr_factor
 from cass_dist.engine.run import Run
+from cass_dist.engine.step import lr_factor, optimizer_step, set_lrs
 from cass_dist.losses import focal_loss
 from cass_dist.metrics import write_metrics
 from cass_dist.plots import log_images, plot_confusion_matrix, plot_curves
@@ -115,6 +115,10 @@ def _train(cfg: FinetuneConfig, run: Run) -> dict:
     run.print(f"fine-tuning {cfg.model.branch} from {cfg.model.init} on {manifest.task} "
               f"({manifest.num_classes} classes, label fraction {cfg.data.label_fraction}): {total_steps} steps")
 
+    def forward(batch: dict) -> dict:
+        logits = model(batch["image"].to(acc.device, non_blocking=True))
+        return {"loss": compute_loss(cfg, manifest, logits, batch["label"].to(acc.device))}
+
     bad_in_a_row, loss_sum, loss_count = 0, torch.zeros((), device=acc.device), 0
     stopping = False  # agreed by all ranks (run.should_stop); run.stop_signal alone is per-process
     while state.global_step < total_steps and not track["done"] and not stopping:
@@ -124,27 +128,13 @@ def _train(cfg: FinetuneConfig, run: Run) -> dict:
             window = list(itertools.islice(batches, accum))
             if len(window) < accum:
                 break
-            factor = lr_factor(state.global_step, total_steps, cfg.run.warmup_steps, cfg.run.min_lr_ratio)
-            for group, lr in zip(optimizer.param_groups, base_lrs):
-                group["lr"] = lr * factor
-            finite = True
-            for batch in window:
-                with acc.accumulate(model):
-                    logits = model(batch["image"].to(acc.device, non_blocking=True))
-                    loss = compute_loss(cfg, manifest, logits, batch["label"].to(acc.device))
-                    # All ranks agree before backward, or DDP would wait for a rank that skipped.
-                    ok = bool(acc.reduce(torch.isfinite(loss.detach()).float(), "min") > 0)
-                    finite &= ok
-                    if ok:
-                        acc.backward(loss)
-                        loss_sum += loss.detach()
-                        loss_count += 1
-                    if acc.sync_gradients:
-                        if finite and cfg.run.clip_grad:
-                            acc.clip_grad_norm_(model.parameters(), cfg.run.clip_grad)
-                        if finite:
-                            optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
+            set_lrs(optimizer, base_lrs,
+                    lr_factor(state.global_step, total_steps, cfg.run.warmup_steps, cfg.run.min_lr_ratio))
+            finite, window_loss, _ = optimizer_step(acc, model, optimizer, window, forward,
+                                                    clip_grad=cfg.run.clip_grad)
+            if finite:
+                loss_sum += window_loss
+                loss_count += len(window)
             state.global_step += 1
             state.batch_in_epoch += accum
             epoch_done = state.batch_in_epoch + accum > batches_per_epoch

@@ -26,6 +26,7 @@ from cass_dist.data.manifest import Manifest, write_json_atomic
 from cass_dist.engine.checkpoint import find_latest
 from cass_dist.engine.probe import extract_features, knn_predict
 from cass_dist.engine.run import Run
+from cass_dist.engine.step import lr_factor, optimizer_step, set_lrs
 from cass_dist.losses.cass import build_objective
 from cass_dist.models import CASS, CASSPretrainer, export_backbones
 from cass_dist.monitor import CollapseMonitor, embedding_stats
@@ -85,14 +86,6 @@ def build_optimizer(cfg: OptimSection, model: CASSPretrainer) -> torch.optim.Opt
     return cls(groups, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> float:
-    """Return the lr multiplier at ``step``: linear warmup to 1, then cosine down to ``min_ratio``."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
 def build_train_loader(cfg: PretrainConfig, accelerator, epoch: int, start_batch: int) -> Iterable[dict]:
     """Return this rank's training loader for ``epoch``, starting at micro-batch ``start_batch``."""
     d = cfg.data
@@ -146,6 +139,12 @@ def _train(cfg: PretrainConfig, run: Run, manifest: Manifest, make_loader: Loade
                   + summary.describe())
         return summary
 
+    def forward(batch: dict) -> dict:
+        images = batch["image"].to(acc.device, non_blocking=True)
+        if cfg.model.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return model(images)
+
     monitor = CollapseMonitor(cfg.monitor.collapse_std_fraction, cfg.monitor.collapse_min_eff_rank)
     progress = tqdm(total=total_steps, initial=state.global_step, disable=not run.is_main, desc="pretrain")
     window_loss = torch.zeros((), device=acc.device)
@@ -170,31 +169,14 @@ def _train(cfg: PretrainConfig, run: Run, manifest: Manifest, make_loader: Loade
             if len(window) < accum:  # the loader ended before len() said: treat it as the epoch's end
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
                 break
-            factor = lr_factor(state.global_step, total_steps, cfg.run.warmup_steps, cfg.run.min_lr_ratio)
-            for group, base_lr in zip(optimizer.param_groups, base_lrs):
-                group["lr"] = base_lr * factor
-            finite = True
-            for batch in window:
-                with acc.accumulate(model):
-                    images = batch["image"].to(acc.device, non_blocking=True)
-                    if cfg.model.channels_last:
-                        images = images.contiguous(memory_format=torch.channels_last)
-                    out = model(images)
-                    loss = out["loss"]
-                    # Every rank must agree before backward, or DDP would wait for a rank that skipped.
-                    ok = bool(acc.reduce(torch.isfinite(loss.detach()).float(), "min") > 0)
-                    finite &= ok
-                    if ok:
-                        acc.backward(loss)
-                        window_loss += loss.detach() / accum
-                    if acc.sync_gradients:
-                        if finite and cfg.run.clip_grad:
-                            acc.clip_grad_norm_(model.parameters(), cfg.run.clip_grad)
-                        if finite:
-                            optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                images_seen += len(batch["image"]) * acc.num_processes
-                log_images += len(batch["image"]) * acc.num_processes
+            set_lrs(optimizer, base_lrs,
+                    lr_factor(state.global_step, total_steps, cfg.run.warmup_steps, cfg.run.min_lr_ratio))
+            finite, loss_sum, out = optimizer_step(acc, model, optimizer, window, forward,
+                                                   clip_grad=cfg.run.clip_grad)
+            window_loss += loss_sum / accum
+            window_images = sum(len(batch["image"]) for batch in window) * acc.num_processes
+            images_seen += window_images
+            log_images += window_images
             state.global_step += 1
             state.batch_in_epoch += accum
             if state.batch_in_epoch + accum > batches_per_epoch:

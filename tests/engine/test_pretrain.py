@@ -13,7 +13,8 @@ from cass_dist.configs.pretrain import parse_pretrain_config
 from cass_dist.data import build_loader
 from cass_dist.data.synthetic import build_synthetic
 from cass_dist.engine import pretrain as pretrain_module
-from cass_dist.engine.pretrain import NonFiniteLossError, lr_factor, pretrain
+from cass_dist.engine.pretrain import NonFiniteLossError, pretrain
+from cass_dist.engine.step import lr_factor
 from cass_dist.models import load_backbone
 
 
