@@ -31,7 +31,7 @@ from cass_dist.engine.classifier import (
     save_classifier,
 )
 from cass_dist.engine.run import Run
-from cass_dist.engine.step import lr_factor, optimizer_step, set_lrs
+from cass_dist.engine.step import count_steps, lr_factor, optimizer_step, set_lrs
 from cass_dist.losses import focal_loss
 from cass_dist.metrics import write_metrics
 from cass_dist.plots import log_images, plot_confusion_matrix, plot_curves
@@ -107,11 +107,8 @@ def _train(cfg: FinetuneConfig, run: Run) -> dict:
     track = state.extra.setdefault("early_stop", {"best": None, "best_step": 0, "bad_evals": 0, "done": False})
 
     batches_per_epoch = len(build_train_loader(cfg, acc, 0, 0))
-    steps_per_epoch = batches_per_epoch // accum
-    if steps_per_epoch < 1:
-        raise ValueError(f"data.batch_size: the training split gives fewer micro-batches per process than "
-                         f"run.grad_accum_steps={accum}")
-    total_steps = cfg.run.max_steps or cfg.run.epochs * steps_per_epoch
+    total_steps, _ = count_steps(batches_per_epoch, grad_accum_steps=accum, max_steps=cfg.run.max_steps,
+                                 epochs=cfg.run.epochs, split=cfg.data.train_split)
     run.print(f"fine-tuning {cfg.model.branch} from {cfg.model.init} on {manifest.task} "
               f"({manifest.num_classes} classes, label fraction {cfg.data.label_fraction}): {total_steps} steps")
 

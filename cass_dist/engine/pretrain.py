@@ -26,7 +26,7 @@ from cass_dist.data.manifest import Manifest, write_json_atomic
 from cass_dist.engine.checkpoint import find_latest
 from cass_dist.engine.probe import extract_features, knn_predict
 from cass_dist.engine.run import Run
-from cass_dist.engine.step import lr_factor, optimizer_step, set_lrs
+from cass_dist.engine.step import count_steps, lr_factor, optimizer_step, set_lrs
 from cass_dist.losses.cass import build_objective
 from cass_dist.models import CASS, CASSPretrainer, export_backbones
 from cass_dist.monitor import CollapseMonitor, embedding_stats
@@ -123,11 +123,8 @@ def _train(cfg: PretrainConfig, run: Run, manifest: Manifest, make_loader: Loade
 
     loader = make_loader(cfg, acc, state.epoch, 0)
     batches_per_epoch = len(loader)
-    steps_per_epoch = batches_per_epoch // accum
-    if steps_per_epoch < 1:
-        raise ValueError(f"data.batch_size: split {cfg.data.train_split!r} gives {batches_per_epoch} batches per "
-                         f"process per epoch, fewer than run.grad_accum_steps={accum}")
-    total_steps = cfg.run.max_steps or cfg.run.epochs * steps_per_epoch
+    total_steps, steps_per_epoch = count_steps(batches_per_epoch, grad_accum_steps=accum, max_steps=cfg.run.max_steps,
+                                               epochs=cfg.run.epochs, split=cfg.data.train_split)
     run.print(f"{type(acc.unwrap_model(model).model.cnn).__name__} + {type(acc.unwrap_model(model).model.vit).__name__},"
               f" objective {cfg.objective.name}: {total_steps} steps of {cfg.data.batch_size * accum * acc.num_processes}"
               f" images ({steps_per_epoch} steps per epoch)")

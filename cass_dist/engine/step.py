@@ -23,6 +23,20 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float =
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def count_steps(batches_per_epoch: int, *, grad_accum_steps: int, max_steps: int, epochs: int,
+                split: str) -> tuple[int, int]:
+    """Return ``(total optimizer steps, steps per epoch)``: ``max_steps`` if set, else ``epochs`` epochs.
+
+    Raises ValueError naming ``data.batch_size`` when an epoch of ``split`` has fewer micro-batches
+    per process than one accumulation window.
+    """
+    steps_per_epoch = batches_per_epoch // grad_accum_steps
+    if steps_per_epoch < 1:
+        raise ValueError(f"data.batch_size: split {split!r} gives {batches_per_epoch} batches per process per "
+                         f"epoch, fewer than run.grad_accum_steps={grad_accum_steps}")
+    return max_steps or epochs * steps_per_epoch, steps_per_epoch
+
+
 def set_lrs(optimizer: torch.optim.Optimizer, base_lrs: Sequence[float], factor: float) -> None:
     """Set every parameter group's lr to its base lr times ``factor``."""
     for group, base_lr in zip(optimizer.param_groups, base_lrs):

@@ -14,7 +14,7 @@ from cass_dist.data import build_loader
 from cass_dist.data.synthetic import build_synthetic
 from cass_dist.engine import pretrain as pretrain_module
 from cass_dist.engine.pretrain import NonFiniteLossError, pretrain
-from cass_dist.engine.step import lr_factor
+from cass_dist.engine.step import count_steps, lr_factor
 from cass_dist.models import load_backbone
 
 
@@ -152,3 +152,10 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     decay = [lr_factor(s, 10, 4, 0.1) for s in range(4, 11)]
     assert decay[0] == 1.0 and decay[-1] == pytest.approx(0.1)
     assert all(x > y for x, y in zip(decay, decay[1:]))
+
+
+def test_step_count_follows_max_steps_or_epochs_and_names_the_batch_size_when_too_small():
+    assert count_steps(10, grad_accum_steps=2, max_steps=0, epochs=3, split="train") == (15, 5)
+    assert count_steps(10, grad_accum_steps=2, max_steps=7, epochs=3, split="train") == (7, 5)
+    with pytest.raises(ValueError, match=r"data\.batch_size: split 'train' gives 1 batches.*grad_accum_steps=2"):
+        count_steps(1, grad_accum_steps=2, max_steps=0, epochs=3, split="train")
