@@ -8,10 +8,13 @@ For each seed, on the shards made by ``cass-shards medmnist``:
    - CASS-pretrained backbones with the default objective (``engine.pretrain``, the ``demo`` preset
      adapted to 28 px: ViT patch 7),
    - CASS-pretrained backbones with the paper objective (``--objective paper``);
-2. fine-tuning (``engine.finetune``) of the CNN at 10% of the training labels from each init.
+2. fine-tuning (``engine.finetune``) at 10% of the training labels from each init, of each branch
+   (CNN, ViT, both), at each lr of a small grid; the table also gives, per init and branch, the test
+   metrics at the lr each seed's validation F1 picks, which is the comparison a user can make.
 
 Every unit of work is written to ``<work>/results.json`` as soon as it is done, so an interrupted run
-resumes where it stopped; ``--table`` only prints the table of what is there.
+resumes where it stopped, and processes started on one work dir with different ``--seeds`` share
+it; ``--table`` only prints the table of what is there.
 
     OMP_NUM_THREADS=1 python benchmarks/pretraining_helps.py --root ../shared/data/pneumoniamnist
 """
@@ -19,6 +22,7 @@ resumes where it stopped; ``--table`` only prints the table of what is there.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -39,6 +43,7 @@ from cass_dist.engine.probe import extract_features, knn_predict, linear_probe, 
 from cass_dist.metrics import compute_metrics
 
 INITS = ("random", "cass", "paper")  # cass = the default objective
+METRICS = ("accuracy", "f1_macro", "auroc_macro", "balanced_accuracy")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -53,9 +58,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--probe-fraction", type=float, default=0.5, help="share of train labels the probes fit on")
     p.add_argument("--ft-fraction", type=float, default=0.1, help="label fraction for fine-tuning")
-    p.add_argument("--ft-epochs", type=int, default=10)
-    p.add_argument("--ft-patience", type=int, default=4, help="early-stopping patience in epochs (0: off)")
-    p.add_argument("--ft-lr", type=float, default=1e-3, help="fine-tuning lr (AdamW, warmup + cosine)")
+    p.add_argument("--ft-steps", type=int, default=150, help="fine-tuning steps (batch 32), whatever the dataset size")
+    p.add_argument("--ft-eval-every", type=int, default=10, help="steps between validations")
+    p.add_argument("--ft-patience", type=int, default=5, help="early-stopping patience in validations (0: off)")
+    p.add_argument("--ft-lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3],
+                   help="fine-tuning lrs (AdamW, warmup + cosine); each init gets the one its val F1 picks")
+    p.add_argument("--ft-branches", nargs="+", default=["cnn", "vit", "both"], choices=["cnn", "vit", "both"],
+                   help="branches fine-tuned (both: the CNN's and the ViT's probabilities averaged)")
     p.add_argument("--inits", nargs="+", default=list(INITS), choices=INITS)
     p.add_argument("--stages", nargs="+", default=["probes", "finetune"], choices=["probes", "finetune"])
     p.add_argument("--table", action="store_true", help="only print the table of the results so far")
@@ -66,6 +75,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.work = Path(args.work)
+        self.work.mkdir(parents=True, exist_ok=True)
         self.shards = self.work / "shards" / args.dataset
         self.results_path = self.work / "results.json"
         self.results = json.loads(self.results_path.read_text()) if self.results_path.is_file() else {}
@@ -73,18 +83,26 @@ class Bench:
     def done(self, key: str) -> bool:
         return key in self.results
 
+    def locked(self):
+        """An exclusive lock on the work dir: several processes (one per seed, say) may share it."""
+        return _FileLock(self.work / "results.lock")
+
     def record(self, key: str, value: dict) -> None:
-        self.results[key] = value
-        write_json_atomic(self.results_path, self.results)
+        with self.locked():  # re-read first: another process may have recorded since
+            if self.results_path.is_file():
+                self.results = json.loads(self.results_path.read_text())
+            self.results[key] = value
+            write_json_atomic(self.results_path, self.results)
         print(f"{key}: {json.dumps(value)}", flush=True)
 
     # ------------------------------------------------------------------ the stages
     def make_shards(self) -> None:
-        if (self.shards / MANIFEST_NAME).is_file():
-            return
         from cass_dist.data.__main__ import main as cass_shards
 
-        code = cass_shards(["medmnist", self.args.dataset, "--root", self.args.root, "--out", str(self.shards)])
+        with self.locked():
+            if (self.shards / MANIFEST_NAME).is_file():
+                return
+            code = cass_shards(["medmnist", self.args.dataset, "--root", self.args.root, "--out", str(self.shards)])
         if code:
             raise SystemExit(f"cass-shards failed with exit code {code}")
 
@@ -151,22 +169,22 @@ class Bench:
             result[branch] = self.probe(backbone)
         self.record(key, result)
 
-    def finetune(self, init: str, seed: int) -> None:
-        key = f"finetune/{init}/seed{seed}"
+    def finetune(self, init: str, branch: str, seed: int, lr: float) -> None:
+        key = f"finetune/{init}/{branch}/seed{seed}/lr{lr:g}"
         if self.done(key):
             return
         a = self.args
-        out = self.work / "finetune" / f"{init}-seed{seed}"
+        out = self.work / "finetune" / f"{init}-{branch}-seed{seed}-lr{lr:g}"
         cfg = parse_finetune_config([
-            "--data", str(self.shards), "--init", self.init_path(init, seed), "--branch", "cnn",
+            "--data", str(self.shards), "--init", self.init_path(init, seed), "--branch", branch,
+            "--model.vit_kwargs", json.dumps({"img_size": a.image_size, "patch_size": a.patch}),
             "--label-fraction", str(a.ft_fraction), "--image-size", str(a.image_size), "--batch-size", "32",
-            "--epochs", str(a.ft_epochs), "--patience", str(a.ft_patience), "--lr", f"{a.ft_lr:.10f}", "--warmup-steps", "10",
-            "--precision", "fp32", "--seed", str(seed), "--output-dir", str(out), "--log-every", "5"])
+            "--max-steps", str(a.ft_steps), "--eval-every", str(a.ft_eval_every), "--patience", str(a.ft_patience),
+            "--lr", f"{lr:.10f}", "--warmup-steps", "10", "--precision", "fp32", "--seed", str(seed),
+            "--output-dir", str(out), "--log-every", "5"])
         result = finetune(cfg)
-        test = result["test"]
-        self.record(key, {"accuracy": test["accuracy"], "f1_macro": test["f1_macro"],
-                          "auroc_macro": test["auroc_macro"], "best_step": result["best_step"],
-                          "steps": result["steps"]})
+        self.record(key, {split: {m: result[split][m] for m in METRICS} for split in ("val", "test")}
+                    | {"best_step": result["best_step"], "steps": result["steps"]})
 
     def run(self) -> None:
         self.make_shards()
@@ -178,7 +196,21 @@ class Bench:
                 if "probes" in stages:
                     self.probes(init, seed)
                 if "finetune" in stages:
-                    self.finetune(init, seed)
+                    for branch in self.args.ft_branches:
+                        for lr in self.args.ft_lrs:
+                            self.finetune(init, branch, seed, lr)
+
+
+class _FileLock:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        self.handle = open(self.path, "w")
+        fcntl.flock(self.handle, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc):
+        self.handle.close()  # closing releases the lock
 
 
 class _MeanChannelPixels(torch.nn.Module):
@@ -197,7 +229,12 @@ def _mean_std(values: list[float]) -> str:
     return f"{100 * statistics.fmean(values):.1f} ± {100 * std:.1f}"
 
 
-def table(results: dict, seeds: list[int], fraction: float) -> str:
+def _finetune_row(label: str, branch: str, lr: str, rows: list[dict]) -> str:
+    cells = [_mean_std([r["test"][m] for r in rows]) for m in ("accuracy", "f1_macro", "auroc_macro")]
+    return f"| {label} | {branch} | {lr} | " + " | ".join(cells) + f" | {_mean_std([r['val']['f1_macro'] for r in rows])} | {len(rows)} |"
+
+
+def table(results: dict, seeds: list[int], fraction: float, lrs: list[float], branches: list[str]) -> str:
     """Return the markdown table: test accuracy / macro F1 (%), mean ± std over seeds."""
     lines = ["| features / init | probe | CNN acc | CNN F1 | ViT acc | ViT F1 | seeds |", "|---|---|---|---|---|---|---|"]
     if "pixels" in results:
@@ -212,13 +249,23 @@ def table(results: dict, seeds: list[int], fraction: float) -> str:
         for probe in ("knn", "linear"):
             cells = [_mean_std([r[b][probe][m] for r in runs]) for b in ("cnn", "vit") for m in ("accuracy", "f1_macro")]
             lines.append(f"| {label} | {probe} | " + " | ".join(cells) + f" | {len(runs)} |")
-    lines += ["", f"| fine-tuning (CNN, {fraction:g} of the labels) | test acc | test F1 | test AUROC | seeds |",
-              "|---|---|---|---|---|"]
-    for init, label in names.items():
-        runs = [results[f"finetune/{init}/seed{s}"] for s in seeds if f"finetune/{init}/seed{s}" in results]
-        if runs:
-            cells = [_mean_std([r[m] for r in runs]) for m in ("accuracy", "f1_macro", "auroc_macro")]
-            lines.append(f"| {label} | " + " | ".join(cells) + f" | {len(runs)} |")
+    lines += ["", f"| fine-tuning ({fraction:g} of the labels) | branch | lr | test acc | test F1 | test AUROC "
+              "| val F1 | seeds |", "|---|---|---|---|---|---|---|---|"]
+    for branch in branches:
+        for init, label in names.items():
+            runs = {s: {lr: results[k] for lr in lrs if (k := f"finetune/{init}/{branch}/seed{s}/lr{lr:g}") in results}
+                    for s in seeds}
+            for lr in lrs:
+                rows = [runs[s][lr] for s in seeds if lr in runs[s]]
+                if rows:
+                    lines.append(_finetune_row(label, branch, f"{lr:g}", rows))
+            # what a user can do: per seed, the lr whose best checkpoint scores highest on val
+            chosen = {s: max(runs[s], key=lambda lr: (runs[s][lr]["val"]["f1_macro"], runs[s][lr]["val"]["auroc_macro"]))
+                      for s in seeds if len(runs[s]) == len(lrs)}
+            if chosen and len(lrs) > 1:
+                picked = ", ".join(f"{lr:g}" for lr in chosen.values())
+                lines.append(_finetune_row(f"**{label}**", branch, f"**chosen on val** ({picked})",
+                                           [runs[s][lr] for s, lr in chosen.items()]))
     lines += ["", "| pretraining | final loss | embedding std x sqrt(D), CNN | ViT | seeds |", "|---|---|---|---|---|"]
     for objective in ("default", "paper"):
         runs = [results[f"pretrain/{objective}/seed{s}"] for s in seeds if f"pretrain/{objective}/seed{s}" in results]
@@ -236,7 +283,7 @@ def main(argv=None) -> int:
     bench = Bench(args)
     if not args.table:
         bench.run()
-    text = table(bench.results, args.seeds, args.ft_fraction)
+    text = table(bench.results, args.seeds, args.ft_fraction, args.ft_lrs, args.ft_branches)
     print(text)
     (bench.work / "table.md").write_text(text)
     return 0

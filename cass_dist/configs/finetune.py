@@ -93,6 +93,9 @@ class FinetuneOptimSection:
     lr: float = 3e-4  # head and last block; earlier blocks get lr * layer_decay ** depth
     weight_decay: float = 0.05
     layer_decay: float = 1.0  # 1.0 = off; e.g. 0.75 for ViTs
+    # Heads alone first (a linear probe), then everything (LP-FT, Kumar et al. 2022): a random head's
+    # early gradients would otherwise overwrite pretrained features. The backbones then get their own warmup.
+    freeze_backbone_steps: int = 0
     betas: tuple[float, float] = (0.9, 0.999)
 
     def validate(self) -> None:
@@ -102,6 +105,8 @@ class FinetuneOptimSection:
             raise FieldError("weight_decay", "must be >= 0", self.weight_decay)
         if not 0 < self.layer_decay <= 1:
             raise FieldError("layer_decay", "must be in (0, 1] (1 = off)", self.layer_decay)
+        if self.freeze_backbone_steps < 0:
+            raise FieldError("freeze_backbone_steps", "must be >= 0", self.freeze_backbone_steps)
 
 
 @dataclass
@@ -184,7 +189,7 @@ FINETUNE_ALIASES = {
     **_COMMON_ALIASES,
     "--loss": "loss.name", "--gamma": "loss.gamma", "--lr": "optim.lr", "--layer-decay": "optim.layer_decay",
     "--weight-decay": "optim.weight_decay", "--metric": "early_stop.metric", "--patience": "early_stop.patience",
-    "--eval-every": "early_stop.eval_every",
+    "--eval-every": "early_stop.eval_every", "--freeze-backbone-steps": "optim.freeze_backbone_steps",
 }
 EVALUATE_ALIASES = {**_COMMON_ALIASES, "--probe": "probe.kind", "--k": "probe.k", "--split": "probe.split"}
 

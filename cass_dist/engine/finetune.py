@@ -48,7 +48,7 @@ def build_optimizer(cfg: FinetuneConfig, model: Classifier) -> tuple[torch.optim
 
     With ``optim.layer_decay`` < 1 each backbone's groups come from timm's ``param_groups_layer_decay``
     (its own block structure), so block i of n gets ``lr * layer_decay ** (n - i)``; heads get ``lr``.
-    Norms and biases get no weight decay.
+    Norms and biases get no weight decay. Each group's ``part`` says ``backbone`` or ``head``.
     """
     from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 
@@ -59,11 +59,28 @@ def build_optimizer(cfg: FinetuneConfig, model: Classifier) -> tuple[torch.optim
             groups += param_groups_layer_decay(backbone, weight_decay=o.weight_decay, layer_decay=o.layer_decay)
         else:
             groups += param_groups_weight_decay(backbone, weight_decay=o.weight_decay)
-    groups += param_groups_weight_decay(model.heads, weight_decay=o.weight_decay)
+    for group in groups:
+        group["part"] = "backbone"
+    groups += [g | {"part": "head"} for g in param_groups_weight_decay(model.heads, weight_decay=o.weight_decay)]
     base_lrs = [o.lr * g.get("lr_scale", 1.0) for g in groups]
     for group, lr in zip(groups, base_lrs):
         group["lr"] = lr
     return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas)), base_lrs
+
+
+def lr_factors(cfg: FinetuneConfig, step: int, total_steps: int) -> dict[str, float]:
+    """Return the lr multiplier of the heads and of the backbones at global ``step``.
+
+    Heads follow warmup + cosine over the whole run. With ``optim.freeze_backbone_steps`` = F the
+    backbones get 0 before step F, then their own warmup + cosine over the remaining steps.
+    """
+    run, frozen = cfg.run, cfg.optim.freeze_backbone_steps
+    head = lr_factor(step, total_steps, run.warmup_steps, run.min_lr_ratio)
+    if not frozen:
+        return {"head": head, "backbone": head}
+    backbone = 0.0 if step < frozen else lr_factor(step - frozen, total_steps - frozen, run.warmup_steps,
+                                                  run.min_lr_ratio)
+    return {"head": head, "backbone": backbone}
 
 
 def compute_loss(cfg: FinetuneConfig, manifest: Manifest, logits: dict[str, torch.Tensor],
@@ -102,6 +119,7 @@ def _train(cfg: FinetuneConfig, run: Run) -> dict:
     manifest = load_manifest(cfg.data.shards)
     model = build_classifier(cfg.model, manifest)
     optimizer, base_lrs = build_optimizer(cfg, model)
+    parts = [g["part"] for g in optimizer.param_groups]  # before prepare: DeepSpeed may rebuild the groups
     model, optimizer = acc.prepare(model, optimizer)
     state = run.resume()
     track = state.extra.setdefault("early_stop", {"best": None, "best_step": 0, "bad_evals": 0, "done": False})
@@ -125,8 +143,8 @@ def _train(cfg: FinetuneConfig, run: Run) -> dict:
             window = list(itertools.islice(batches, accum))
             if len(window) < accum:
                 break
-            set_lrs(optimizer, base_lrs,
-                    lr_factor(state.global_step, total_steps, cfg.run.warmup_steps, cfg.run.min_lr_ratio))
+            factors = lr_factors(cfg, state.global_step, total_steps)
+            set_lrs(optimizer, [lr * factors[part] for lr, part in zip(base_lrs, parts)], 1.0)
             finite, window_loss, _ = optimizer_step(acc, model, optimizer, window, forward,
                                                     clip_grad=cfg.run.clip_grad)
             if finite:

@@ -7,6 +7,7 @@ import shutil
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from cass_dist.configs.base import ConfigError
 from cass_dist.configs.finetune import parse_evaluate_config, parse_finetune_config
@@ -117,3 +118,32 @@ def test_layer_decay_scales_lr_by_depth_and_heads_keep_full_lr(syn_shards):
     assert lr_of[id(stem)] < 0.01 * 0.5 ** 5
     no_decay = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
     assert id(model.heads["cnn"][1].bias) in no_decay and id(stem) not in no_decay
+
+
+def test_frozen_backbone_steps_train_only_the_head_then_everything(syn_shards, tiny_export, tmp_path):
+    from cass_dist.engine.finetune import lr_factors
+    from cass_dist.models import load_backbone
+
+    args = finetune_args(syn_shards, tmp_path / "lpft", "--init", str(tiny_export), "--max-steps", "3",
+                         "--eval-every", "3", "--patience", "0", "--lr", "0.01", "--warmup-steps", "2",
+                         "--freeze-backbone-steps", "3")
+    cfg = parse_finetune_config(args)
+    # 10 steps, warmup 2: the head warms up at once; the backbone waits 3 steps, then warms up over 2
+    # and follows a cosine over its remaining 5 (0.5 * (1 + cos(pi / 5)) = 0.9045 after one of them).
+    factors = [lr_factors(cfg, step, 10) for step in range(7)]
+    assert [f["backbone"] for f in factors] == [0, 0, 0, 0.5, 1.0, 1.0, pytest.approx(0.9045, abs=1e-4)]
+    assert [f["head"] for f in factors[:4]] == [0.5, 1.0, 1.0, pytest.approx(0.9619, abs=1e-4)]
+    unfrozen = parse_finetune_config(args[:-2])
+    assert all(lr_factors(unfrozen, s, 10)["backbone"] == lr_factors(unfrozen, s, 10)["head"] for s in range(10))
+
+    finetune(cfg)  # three steps, all frozen: the weights stay the export's, the head learns
+    tuned = load_classifier(tmp_path / "lpft")
+    exported = dict(load_backbone(tiny_export, "cnn", num_classes=0).named_parameters())
+    assert all(torch.equal(p, exported[name]) for name, p in tuned.backbones["cnn"].named_parameters())
+
+    cfg.optim.freeze_backbone_steps, cfg.run.output_dir = 1, str(tmp_path / "lpft_then_all")
+    finetune(cfg)
+    tuned = load_classifier(tmp_path / "lpft_then_all")
+    assert not all(torch.equal(p, exported[name]) for name, p in tuned.backbones["cnn"].named_parameters())
+    with pytest.raises(ConfigError, match="optim.freeze_backbone_steps"):
+        parse_finetune_config(finetune_args(syn_shards, "unused", "--freeze-backbone-steps", "-1"))

@@ -1,0 +1,37 @@
+"""The benchmark's table picks each seed's fine-tuning lr on val, never on test."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "pretraining_helps.py"
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("pretraining_helps", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(val_f1: float, test_acc: float) -> dict:
+    metrics = {"accuracy": test_acc, "f1_macro": test_acc, "auroc_macro": test_acc, "balanced_accuracy": test_acc}
+    return {"val": {**metrics, "f1_macro": val_f1, "auroc_macro": 0.5}, "test": metrics, "best_step": 1, "steps": 2}
+
+
+def test_lr_is_chosen_per_seed_on_val_f1():
+    bench = load_benchmark()
+    results = {  # the lr with the best test score is never the one val picks
+        "finetune/cass/cnn/seed0/lr0.001": run(val_f1=0.9, test_acc=0.80),
+        "finetune/cass/cnn/seed0/lr0.003": run(val_f1=0.8, test_acc=0.99),
+        "finetune/cass/cnn/seed1/lr0.001": run(val_f1=0.7, test_acc=0.99),
+        "finetune/cass/cnn/seed1/lr0.003": run(val_f1=0.8, test_acc=0.90),
+    }
+    lines = bench.table(results, [0, 1], 0.1, [1e-3, 3e-3], ["cnn"]).splitlines()
+    chosen = [line for line in lines if "chosen on val" in line]
+    assert len(chosen) == 1
+    assert "(0.001, 0.003)" in chosen[0]
+    assert "| 85.0 ± 7.1 |" in chosen[0]  # test accuracy of the picked runs: 0.80 and 0.90
+    per_lr = [line for line in lines if line.startswith("| CASS (default objective) | cnn | 0.00")]
+    assert [line.split(" | ")[3] for line in per_lr] == ["89.5 ± 13.4", "94.5 ± 6.4"]
