@@ -28,6 +28,7 @@ import math
 import os
 import statistics
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -85,7 +86,7 @@ class Bench:
 
     def locked(self):
         """An exclusive lock on the work dir: several processes (one per seed, say) may share it."""
-        return _FileLock(self.work / "results.lock")
+        return _exclusive_lock(self.work / "results.lock")
 
     def record(self, key: str, value: dict) -> None:
         with self.locked():  # re-read first: another process may have recorded since
@@ -201,16 +202,11 @@ class Bench:
                             self.finetune(init, branch, seed, lr)
 
 
-class _FileLock:
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self):
-        self.handle = open(self.path, "w")
-        fcntl.flock(self.handle, fcntl.LOCK_EX)
-
-    def __exit__(self, *exc):
-        self.handle.close()  # closing releases the lock
+@contextmanager
+def _exclusive_lock(path: Path):
+    with open(path, "w") as handle:  # closing releases the lock
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 class _MeanChannelPixels(torch.nn.Module):

@@ -6,30 +6,20 @@
 Works under ``accelerate launch`` too (features are gathered across ranks). See ``--help``.
 """
 
-import logging
 import sys
 
-from cass_dist.configs.base import ConfigError
 from cass_dist.configs.finetune import parse_evaluate_config
-from cass_dist.engine.run import launch_on_cpu_if_no_gpu
+from cass_dist.engine.entry import run_entry
+
+
+def evaluate(cfg) -> None:
+    from cass_dist.engine.probe import evaluate as run_probe  # after the config is known to be good
+
+    run_probe(cfg)
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    launch_on_cpu_if_no_gpu()
-    try:
-        cfg = parse_evaluate_config(argv)
-    except ConfigError as exc:
-        print(f"launch/evaluate.py: error: {exc}", file=sys.stderr)
-        return 2
-    from cass_dist.engine.probe import evaluate
-
-    try:
-        evaluate(cfg)
-    except (ValueError, OSError, RuntimeError) as exc:  # library errors name the field or file
-        print(f"launch/evaluate.py: error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_entry("launch/evaluate.py", parse_evaluate_config, evaluate, argv)
 
 
 if __name__ == "__main__":
