@@ -7,8 +7,9 @@ Presets:
 - ``paper``: the original CASS hyperparameters (Singh & Cirrone): resnet50 + vit_base_patch16_384
   from ImageNet weights, 384 px, the 1000-d classifier outputs as embeddings, the paper objective
   (batch mean of 2 - 2cos, no stop-gradient), Adam with lr 1e-3 for both branches, no weight decay,
-  cosine decay, batch 16, the paper's augmentations (resize, colour jitter, perspective and affine
-  with p=0.3, flips), fp32 in the original (``auto`` here picks bf16 on GPUs that have it).
+  cosine decay, batch 16, one augmented view shared by both branches with the paper's augmentations
+  (resize, colour jitter, perspective and affine with p=0.3, flips), fp32 in the original (``auto``
+  here picks bf16 on GPUs that have it).
 - ``t4``: the paper's model sizes on a 16 GB T4: fp16 with loss scaling plus gradient checkpointing.
 """
 
@@ -31,7 +32,11 @@ class DataSection:
     batch_size: int = 32  # per process
     num_workers: int = 0
     image_size: int = 224
-    transform: str = "pretrain"
+    transform: Literal["pretrain", "ssl", "eval"] = "pretrain"  # the paper's; crops, jitter, blur; none
+    # 2: each branch gets its own augmentation of the image, so agreeing means ignoring what the
+    # augmentations change; from scratch this learns far better features at the same cost a step
+    # (docs/pretraining.md). 1: the paper, both branches see the same augmented image.
+    views: Literal[1, 2] = 2
 
     def validate(self) -> None:
         if not self.shards:
@@ -162,7 +167,7 @@ def demo() -> PretrainConfig:
 def paper() -> PretrainConfig:
     """The original CASS hyperparameters (see the module docstring)."""
     return PretrainConfig(
-        data=DataSection(batch_size=16, image_size=384),
+        data=DataSection(batch_size=16, image_size=384, views=1),
         model=ModelSection(cnn="resnet50", vit="vit_base_patch16_384", embed_dim=1000, head="linear",
                            pretrained=True),
         objective=ObjectiveSection(name="paper"),
@@ -185,7 +190,8 @@ PRESETS = {"demo": demo, "paper": paper, "t4": t4}
 ALIASES = {
     **RUN_ALIASES,
     "--data": "data.shards", "--batch-size": "data.batch_size", "--image-size": "data.image_size",
-    "--num-workers": "data.num_workers", "--objective": "objective.name", "--cnn": "model.cnn",
+    "--num-workers": "data.num_workers", "--views": "data.views", "--transform": "data.transform",
+    "--objective": "objective.name", "--cnn": "model.cnn",
     "--vit": "model.vit", "--embed-dim": "model.embed_dim", "--pretrained": "model.pretrained",
     "--pretrained-cnn-file": "model.pretrained_cnn_file", "--pretrained-vit-file": "model.pretrained_vit_file",
     "--grad-checkpointing": "model.grad_checkpointing", "--compile": "model.compile",

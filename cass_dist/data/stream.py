@@ -30,7 +30,7 @@ from cass_dist.data.manifest import Manifest, load_manifest
 from cass_dist.data.reader import ShardStream
 from cass_dist.data.sharding import batches_per_rank, plan_rank, read_split_index, worker_batch_counts
 from cass_dist.data.splits import select_label_fraction
-from cass_dist.data.transforms import BatchNormalizer, build_transform
+from cass_dist.data.transforms import BatchNormalizer, Views, build_transform
 
 DEFAULT_BUFFER = 1000  # undecoded samples per worker: ~20-100 MB for 224 px JPEG/PNG
 
@@ -122,7 +122,7 @@ def build_loader(shards_dir: str | os.PathLike, split: str, *, batch_size: int, 
                  transform: str | Callable[[torch.Tensor], torch.Tensor] = "auto", start_batch: int = 0,
                  drop_last: bool | None = None, fraction_seed: int = 0, channels: int | None = 3,
                  shuffle_buffer: int = DEFAULT_BUFFER, pin_memory: bool = False,
-                 prefetch_factor: int = 2) -> ShardLoader:
+                 prefetch_factor: int = 2, views: int = 1) -> ShardLoader:
     """Return a ShardLoader streaming ``split`` of the shard set in ``shards_dir`` for one rank.
 
     Training (``train=True``): shards shuffled by (seed, epoch), split by rank then worker, a shuffle
@@ -132,7 +132,8 @@ def build_loader(shards_dir: str | os.PathLike, split: str, *, batch_size: int, 
     ``label_fraction`` < 1 keeps the stratified subset chosen by ``select_label_fraction`` (seeded by
     ``fraction_seed``, not ``seed``). ``transform`` is "auto" (pretrain when training, else eval),
     "pretrain", "finetune", "eval" or a callable on uint8 CxHxW tensors returning uint8 tensors of one
-    size. ``channels=3`` expands L images for the models; None keeps the stored channels.
+    size. ``views=V`` > 1 augments each image V times independently: batches hold ``[B, V, C, H, W]``.
+    ``channels=3`` expands L images for the models; None keeps the stored channels.
     Raises ManifestError for a missing/invalid/unknown-version manifest or index, ValueError for bad
     arguments (naming the argument) or a training split smaller than one global batch.
     """
@@ -152,6 +153,10 @@ def build_loader(shards_dir: str | os.PathLike, split: str, *, batch_size: int, 
     image_transform = build_transform(transform, size) if isinstance(transform, str) else transform
     if not callable(image_transform):
         raise ValueError(f"transform must be a name or a callable, got {transform!r}")
+    if views < 1:
+        raise ValueError(f"views must be >= 1, got {views}")
+    if views > 1:
+        image_transform = Views(image_transform, views)
 
     index = read_split_index(shards_dir, manifest, split)
     selected = None

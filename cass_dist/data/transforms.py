@@ -18,7 +18,7 @@ from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-TransformKind = Literal["pretrain", "finetune", "eval"]
+TransformKind = Literal["pretrain", "ssl", "finetune", "eval"]
 ImageTransform = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -90,6 +90,37 @@ def pretrain_transform(image_size: int | Sequence[int]) -> ImageTransform:
     return ResizeAugment(image_size, [(colour_and_warp, 0.3), (v2.RandomAffine(degrees=10), 0.3)])
 
 
+def ssl_transform(image_size: int | Sequence[int]) -> ImageTransform:
+    """Return a SimCLR-style augmentation sized for grey medical images, on uint8 tensors.
+
+    A random resized crop (scale 0.35-1, aspect 3/4-4/3), horizontal flip (p=0.5), brightness and
+    contrast jitter of 0.4 (p=0.8) and a small Gaussian blur (p=0.5). Stronger than the paper's, for
+    two views (``data.views=2``): what differs between the views is what the features learn to ignore.
+    """
+    size = _size(image_size)
+    return v2.Compose([
+        v2.RandomResizedCrop(size, scale=(0.35, 1.0), antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4)], p=0.8),
+        v2.RandomApply([v2.GaussianBlur(kernel_size=3, sigma=(0.1, 1.0))], p=0.5),
+    ])
+
+
+class Views:
+    """Apply ``transform`` ``count`` times to one image: returns the views stacked, ``[count, C, H, W]``."""
+
+    def __init__(self, transform: ImageTransform, count: int):
+        if count < 1:
+            raise ValueError(f"views must be >= 1, got {count}")
+        self.transform, self.count = transform, count
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.transform(image) for _ in range(self.count)])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.transform!r}, count={self.count})"
+
+
 def finetune_transform(image_size: int | Sequence[int]) -> ImageTransform:
     """Return the fine-tuning augmentation: resize, mild affine (p=0.3), flips (p=0.3), on uint8 tensors."""
     affine = v2.RandomAffine(degrees=10, translate=(0.05, 0.05), scale=(0.95, 1.05))
@@ -103,14 +134,17 @@ def eval_transform(image_size: int | Sequence[int]) -> ImageTransform:
 
 def build_transform(kind: TransformKind, image_size: int | Sequence[int]) -> ImageTransform:
     """Return the named transform; raise ValueError for an unknown kind."""
-    builders = {"pretrain": pretrain_transform, "finetune": finetune_transform, "eval": eval_transform}
+    builders = {"pretrain": pretrain_transform, "ssl": ssl_transform, "finetune": finetune_transform,
+                "eval": eval_transform}
     if kind not in builders:
         raise ValueError(f"transform must be one of {sorted(builders)} or a callable, got {kind!r}")
     return builders[kind](image_size)
 
 
 class BatchNormalizer:
-    """uint8 BxCxHxW -> float32 normalised with the dataset's mean/std, L expanded to ``channels``.
+    """uint8 ...xCxHxW -> float32 normalised with the dataset's mean/std, L expanded to ``channels``.
+
+    Leading dimensions are free: a batch of views ``[B, V, C, H, W]`` is normalised like ``[B, C, H, W]``.
 
     ``mean``/``std`` are per stored channel in [0, 1] (from the manifest). ``channels=None`` keeps the
     stored channel count; 3 (the default for the models) repeats a single L channel three times.
@@ -126,14 +160,15 @@ class BatchNormalizer:
         self.channels = channels
         self.mean, self.std = list(mean), list(std)
         # Fold /255 into the affine map so one multiply-add does the whole job.
-        self.scale = torch.tensor([1 / (255 * s) for s in std]).view(1, -1, 1, 1)
-        self.shift = torch.tensor([-m / s for m, s in zip(mean, std)]).view(1, -1, 1, 1)
+        self.scale = torch.tensor([1 / (255 * s) for s in std]).view(-1, 1, 1)
+        self.shift = torch.tensor([-m / s for m, s in zip(mean, std)]).view(-1, 1, 1)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """Return float32 normalised images; raises ValueError on a channel-count mismatch."""
-        if images.shape[1] != self.scale.shape[1]:
-            raise ValueError(f"images have {images.shape[1]} channels, normaliser expects {self.scale.shape[1]}")
+        if images.ndim < 4 or images.shape[-3] != self.scale.shape[0]:
+            raise ValueError(f"images of shape {tuple(images.shape)}: the normaliser expects "
+                             f"{self.scale.shape[0]} channels, as [..., C, H, W]")
         out = images.float().mul_(self.scale).add_(self.shift)
-        if self.channels is not None and out.shape[1] != self.channels:
-            out = out.expand(-1, self.channels, -1, -1).contiguous()
+        if self.channels is not None and out.shape[-3] != self.channels:
+            out = out.expand(*out.shape[:-3], self.channels, *out.shape[-2:]).contiguous()
         return out

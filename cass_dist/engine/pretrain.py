@@ -92,7 +92,7 @@ def build_train_loader(cfg: PretrainConfig, accelerator, epoch: int, start_batch
     return build_loader(d.shards, d.train_split, batch_size=d.batch_size, train=True,
                         rank=accelerator.process_index, world_size=accelerator.num_processes,
                         num_workers=d.num_workers, seed=cfg.run.seed, epoch=epoch, image_size=d.image_size,
-                        transform=d.transform, start_batch=start_batch)
+                        transform=d.transform, start_batch=start_batch, views=d.views)
 
 
 def pretrain(cfg: PretrainConfig, *, make_loader: LoaderFactory = build_train_loader) -> PretrainSummary:
@@ -138,9 +138,11 @@ def _train(cfg: PretrainConfig, run: Run, manifest: Manifest, make_loader: Loade
 
     def forward(batch: dict) -> dict:
         images = batch["image"].to(acc.device, non_blocking=True)
+        # [B, 2, C, H, W] with data.views=2: the CNN gets the first view, the ViT the second
+        cnn_images, vit_images = images.unbind(1) if images.ndim == 5 else (images, images)
         if cfg.model.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return model(images)
+            cnn_images = cnn_images.contiguous(memory_format=torch.channels_last)
+        return model(cnn_images, vit_images)
 
     monitor = CollapseMonitor(cfg.monitor.collapse_std_fraction, cfg.monitor.collapse_min_eff_rank)
     progress = tqdm(total=total_steps, initial=state.global_step, disable=not run.is_main, desc="pretrain")

@@ -84,9 +84,13 @@ class CASS(nn.Module):
             self.cnn_head = nn.Identity()
             self.vit_head = nn.Identity()
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(z_cnn, z_vit)``, the two branches' embeddings of the same ``images`` [B, 3, H, W]."""
-        return self.cnn_head(self.cnn(images)), self.vit_head(self.vit(images))
+    def forward(self, images: torch.Tensor, vit_images: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(z_cnn, z_vit)``, the two branches' embeddings of ``images`` [B, 3, H, W].
+
+        The ViT sees ``vit_images`` instead when given: another augmentation of the same images.
+        """
+        vit_images = images if vit_images is None else vit_images
+        return self.cnn_head(self.cnn(images)), self.vit_head(self.vit(vit_images))
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

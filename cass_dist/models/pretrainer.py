@@ -19,9 +19,12 @@ class CASSPretrainer(nn.Module):
         self.model = model
         self.objective = objective
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Return the objective's dict (``loss`` plus its terms) with the embeddings ``z_cnn`` and ``z_vit``."""
-        z_cnn, z_vit = self.model(images)
+    def forward(self, images: torch.Tensor, vit_images: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Return the objective's dict (``loss`` plus its terms) with the embeddings ``z_cnn`` and ``z_vit``.
+
+        ``vit_images``: the ViT's own view of the same images (default: ``images``, as in the paper).
+        """
+        z_cnn, z_vit = self.model(images, vit_images)
         out = self.objective(z_cnn, z_vit)
         return {**out, "z_cnn": z_cnn, "z_vit": z_vit}
 

@@ -132,6 +132,26 @@ def test_augmentations_are_a_function_of_stream_position(shards, num_workers):
     assert not torch.equal(next(iter(other_epoch))["image"], full[0])
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_two_views_are_independent_augmentations_of_the_same_sample(shards, num_workers):
+    def batches(views, transform, start=0):
+        return [b["image"] for b in build_loader(shards, "train", batch_size=6, train=True, num_workers=num_workers,
+                                                 seed=3, views=views, transform=transform, image_size=16,
+                                                 start_batch=start)]
+    plain = batches(1, "eval")
+    paired = batches(2, "eval")  # a deterministic transform: both views equal the single view
+    assert paired[0].shape == (6, 2, 3, 16, 16) and paired[0].dtype == torch.float32
+    for one, two in zip(plain, paired, strict=True):
+        assert torch.equal(two[:, 0], one) and torch.equal(two[:, 1], one)
+    augmented = batches(2, "ssl")
+    differ = [not torch.equal(b[i, 0], b[i, 1]) for b in augmented for i in range(len(b))]
+    assert sum(differ) > 0.9 * len(differ)
+    for a, b in zip(augmented[3:], batches(2, "ssl", start=3), strict=True):  # resume stays exact
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="views must be >= 1"):
+        build_loader(shards, "train", batch_size=6, train=True, views=0)
+
+
 def test_resume_does_not_decode_skipped_samples(shards, monkeypatch):
     calls = []
     real = reader_module.decode_image

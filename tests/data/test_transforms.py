@@ -15,6 +15,7 @@ from cass_dist.data.transforms import (
     decode_image,
     eval_transform,
     pretrain_transform,
+    ssl_transform,
 )
 
 
@@ -92,6 +93,25 @@ def test_batch_normalizer_expands_grayscale_to_three_identical_channels():
     assert out.shape == (2, 3, 4, 4)
     assert torch.equal(out[:, 0], out[:, 1]) and torch.equal(out[:, 0], out[:, 2])
     assert BatchNormalizer([0.5], [0.25], channels=None)(images).shape == (2, 1, 4, 4)
+
+
+def test_batch_normalizer_treats_views_like_a_batch():
+    views = torch.randint(0, 256, (4, 2, 1, 5, 5), dtype=torch.uint8)
+    normalise = BatchNormalizer([0.3], [0.2])
+    out = normalise(views)
+    assert out.shape == (4, 2, 3, 5, 5)
+    assert torch.equal(out, normalise(views.flatten(0, 1)).view(4, 2, 3, 5, 5))
+
+
+def test_ssl_augmentation_keeps_size_and_dtype_and_varies_with_the_seed():
+    image = torch.randint(0, 256, (1, 40, 30), dtype=torch.uint8)
+    augment = ssl_transform(24)
+    outs = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        outs.append(augment(image))
+    assert outs[0].shape == (1, 24, 24) and outs[0].dtype == torch.uint8
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
 
 
 def test_batch_normalizer_rejects_bad_statistics_and_shapes():

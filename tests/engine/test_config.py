@@ -74,7 +74,8 @@ def test_presets_state_the_paper_and_t4_settings():
     paper, t4, demo = PRESETS["paper"](), PRESETS["t4"](), PRESETS["demo"]()
     assert (paper.model.cnn, paper.model.vit, paper.model.embed_dim) == ("resnet50", "vit_base_patch16_384", 1000)
     assert (paper.objective.name, paper.optim.optimizer, paper.optim.lr_cnn, paper.optim.lr_vit) == ("paper", "adam", 1e-3, 1e-3)
-    assert (paper.data.batch_size, paper.data.image_size) == (16, 384)
+    assert (paper.data.batch_size, paper.data.image_size, paper.data.views, paper.data.transform) == (16, 384, 1, "pretrain")
+    assert (t4.data.views, demo.data.views, PretrainConfig().data.views) == (1, 2, 2)  # the paper shares one view
     assert (t4.run.precision, t4.model.grad_checkpointing, t4.model.vit) == ("fp16", True, paper.model.vit)
     assert demo.run.precision == "fp32" and demo.data.image_size <= 64
     assert PretrainConfig().objective.name == demo.objective.name  # one default, owned by the objectives module

@@ -83,6 +83,27 @@ def test_default_objective_run_end_to_end(shards, tmp_path):
     assert pretrain(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, resume="auto"))) == summary
 
 
+@pytest.mark.parametrize("views", [1, 2])
+def test_with_two_views_each_branch_trains_on_its_own_augmentation(shards, tmp_path, monkeypatch, views):
+    seen = {"cnn": [], "vit": []}
+    real = pretrain_module.build_pretrainer
+
+    def recording(cfg):
+        model = real(cfg)
+        for branch in seen:
+            getattr(model.model, branch).register_forward_pre_hook(
+                lambda module, args, branch=branch: seen[branch].append(args[0].detach().clone()))
+        return model
+
+    monkeypatch.setattr(pretrain_module, "build_pretrainer", recording)
+    summary = pretrain(tiny(shards, tmp_path, "--max-steps", "10", "--views", str(views), "--transform", "ssl"))
+    assert len(seen["cnn"]) == len(seen["vit"]) == 10 and seen["cnn"][0].shape == (16, 3, 32, 32)
+    same = [torch.equal(a, b) for a, b in zip(seen["cnn"], seen["vit"])]
+    assert all(same) if views == 1 else not any(same)
+    losses = [r["loss"] for r in records(tmp_path) if "loss" in r]
+    assert losses[-1] < losses[0] and summary.embed_std_cnn > 0.1 / math.sqrt(32)
+
+
 class NaNAfter(torch.nn.Module):
     """Wraps an objective; its loss is NaN on the given forward calls."""
 

@@ -21,6 +21,15 @@ def test_forward_gives_two_embeddings_of_the_shared_size(head):
     assert f_cnn.shape == (4, model.cnn.num_features) and f_vit.shape == (4, model.vit.num_features)
 
 
+def test_the_vit_can_see_its_own_view():
+    model = _tiny(embed_dim=16, head="mlp", proj_hidden_dim=32).eval()
+    images, other = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    z_cnn, z_vit = model(images, other)
+    same_cnn, _ = model(images)
+    _, other_vit = model(other)
+    assert torch.equal(z_cnn, same_cnn) and torch.equal(z_vit, other_vit)
+
+
 def test_paper_default_head_is_the_1000_way_timm_classifier():
     model = _tiny()
     assert model.embed_dim == 1000 and model.cnn.get_classifier().out_features == 1000
