@@ -153,10 +153,8 @@ def build_loader(shards_dir: str | os.PathLike, split: str, *, batch_size: int, 
     image_transform = build_transform(transform, size) if isinstance(transform, str) else transform
     if not callable(image_transform):
         raise ValueError(f"transform must be a name or a callable, got {transform!r}")
-    if views < 1:
-        raise ValueError(f"views must be >= 1, got {views}")
-    if views > 1:
-        image_transform = Views(image_transform, views)
+    if views != 1:
+        image_transform = Views(image_transform, views)  # raises for views < 1
 
     index = read_split_index(shards_dir, manifest, split)
     selected = None
