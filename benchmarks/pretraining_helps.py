@@ -69,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ft-patience", type=int, default=5, help="early-stopping patience in validations (0: off)")
     p.add_argument("--ft-lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3],
                    help="fine-tuning lrs (AdamW, warmup + cosine); each init gets the one its val F1 picks")
+    p.add_argument("--ft-layer-decays", type=float, nargs="+", default=[1.0],
+                   help="layer-wise lr decays crossed with --ft-lrs (1: off); val F1 picks among all settings")
     p.add_argument("--ft-branches", nargs="+", default=["cnn", "vit", "both"], choices=["cnn", "vit", "both"],
                    help="branches fine-tuned (both: the CNN's and the ViT's probabilities averaged)")
     p.add_argument("--inits", nargs="+", default=list(INITS), choices=INITS)
@@ -178,18 +180,19 @@ class Bench:
             result[branch] = self.probe(backbone)
         self.record(key, result)
 
-    def finetune(self, init: str, branch: str, seed: int, lr: float) -> None:
-        key = f"finetune/{init}/{branch}/seed{seed}/lr{lr:g}"
+    def finetune(self, init: str, branch: str, seed: int, lr: float, layer_decay: float) -> None:
+        setting = _setting_name(lr, layer_decay)
+        key = f"finetune/{init}/{branch}/seed{seed}/{setting}"
         if self.done(key):
             return
         a = self.args
-        out = self.work / "finetune" / f"{init}-{branch}-seed{seed}-lr{lr:g}"
+        out = self.work / "finetune" / f"{init}-{branch}-seed{seed}-{setting}"
         cfg = parse_finetune_config([
             "--data", str(self.shards), "--init", self.init_path(init, seed), "--branch", branch,
             "--model.vit_kwargs", json.dumps({"img_size": a.image_size, "patch_size": a.patch}),
             "--label-fraction", str(a.ft_fraction), "--image-size", str(a.image_size), "--batch-size", "32",
             "--max-steps", str(a.ft_steps), "--eval-every", str(a.ft_eval_every), "--patience", str(a.ft_patience),
-            "--lr", f"{lr:.10f}", "--warmup-steps", "10", "--precision", "fp32", "--seed", str(seed),
+            "--lr", f"{lr:.10f}", "--layer-decay", str(layer_decay), "--warmup-steps", "10", "--precision", "fp32", "--seed", str(seed),
             "--output-dir", str(out), "--log-every", "5"])
         result = finetune(cfg)
         self.record(key, {split: {m: result[split][m] for m in METRICS} for split in ("val", "test")}
@@ -206,8 +209,8 @@ class Bench:
                     self.probes(init, seed)
                 if "finetune" in stages:
                     for branch in self.args.ft_branches:
-                        for lr in self.args.ft_lrs:
-                            self.finetune(init, branch, seed, lr)
+                        for lr, layer_decay in _settings(self.args):
+                            self.finetune(init, branch, seed, lr, layer_decay)
 
 
 @contextmanager
@@ -224,6 +227,15 @@ class _MeanChannelPixels(torch.nn.Module):
         return images.mean(dim=1).flatten(1)
 
 
+def _settings(args: argparse.Namespace) -> list[tuple[float, float]]:
+    return [(lr, decay) for decay in args.ft_layer_decays for lr in args.ft_lrs]
+
+
+def _setting_name(lr: float, layer_decay: float) -> str:
+    # layer decay 1 (off) keeps the plain name, so results recorded before the flag existed still count
+    return f"lr{lr:g}" if layer_decay == 1 else f"lr{lr:g}-ld{layer_decay:g}"
+
+
 # ----------------------------------------------------------------------------- the table
 def _mean_std(values: list[float]) -> str:
     values = [v for v in values if v is not None and not math.isnan(v)]
@@ -238,7 +250,7 @@ def _finetune_row(label: str, branch: str, lr: str, rows: list[dict]) -> str:
     return f"| {label} | {branch} | {lr} | " + " | ".join(cells) + f" | {_mean_std([r['val']['f1_macro'] for r in rows])} | {len(rows)} |"
 
 
-def table(results: dict, seeds: list[int], fraction: float, lrs: list[float], branches: list[str]) -> str:
+def table(results: dict, seeds: list[int], fraction: float, settings: list[str], branches: list[str]) -> str:
     """Return the markdown table: test accuracy / macro F1 (%), mean ± std over seeds."""
     lines = ["| features / init | probe | CNN acc | CNN F1 | ViT acc | ViT F1 | seeds |", "|---|---|---|---|---|---|---|"]
     if "pixels" in results:
@@ -253,23 +265,23 @@ def table(results: dict, seeds: list[int], fraction: float, lrs: list[float], br
         for probe in ("knn", "linear"):
             cells = [_mean_std([r[b][probe][m] for r in runs]) for b in ("cnn", "vit") for m in ("accuracy", "f1_macro")]
             lines.append(f"| {label} | {probe} | " + " | ".join(cells) + f" | {len(runs)} |")
-    lines += ["", f"| fine-tuning ({fraction:g} of the labels) | branch | lr | test acc | test F1 | test AUROC "
+    lines += ["", f"| fine-tuning ({fraction:g} of the labels) | branch | setting | test acc | test F1 | test AUROC "
               "| val F1 | seeds |", "|---|---|---|---|---|---|---|---|"]
     for branch in branches:
         for init, label in names.items():
-            runs = {s: {lr: results[k] for lr in lrs if (k := f"finetune/{init}/{branch}/seed{s}/lr{lr:g}") in results}
-                    for s in seeds}
-            for lr in lrs:
-                rows = [runs[s][lr] for s in seeds if lr in runs[s]]
+            runs = {s: {name: results[k] for name in settings
+                        if (k := f"finetune/{init}/{branch}/seed{s}/{name}") in results} for s in seeds}
+            for name in settings:
+                rows = [runs[s][name] for s in seeds if name in runs[s]]
                 if rows:
-                    lines.append(_finetune_row(label, branch, f"{lr:g}", rows))
-            # what a user can do: per seed, the lr whose best checkpoint scores highest on val
-            chosen = {s: max(runs[s], key=lambda lr: (runs[s][lr]["val"]["f1_macro"], runs[s][lr]["val"]["auroc_macro"]))
-                      for s in seeds if len(runs[s]) == len(lrs)}
-            if chosen and len(lrs) > 1:
-                picked = ", ".join(f"{lr:g}" for lr in chosen.values())
+                    lines.append(_finetune_row(label, branch, name, rows))
+            # what a user can do: per seed, the setting whose best checkpoint scores highest on val
+            chosen = {s: max(runs[s], key=lambda n: (runs[s][n]["val"]["f1_macro"], runs[s][n]["val"]["auroc_macro"]))
+                      for s in seeds if len(runs[s]) == len(settings)}
+            if chosen and len(settings) > 1:
+                picked = ", ".join(chosen.values())
                 lines.append(_finetune_row(f"**{label}**", branch, f"**chosen on val** ({picked})",
-                                           [runs[s][lr] for s, lr in chosen.items()]))
+                                           [runs[s][n] for s, n in chosen.items()]))
     lines += ["", "| pretraining | final loss | embedding std x sqrt(D), CNN | ViT | seeds |", "|---|---|---|---|---|"]
     for objective in ("default", "paper"):
         runs = [results[f"pretrain/{objective}/seed{s}"] for s in seeds if f"pretrain/{objective}/seed{s}" in results]
@@ -287,7 +299,8 @@ def main(argv=None) -> int:
     bench = Bench(args)
     if not args.table:
         bench.run()
-    text = table(bench.results, args.seeds, args.ft_fraction, args.ft_lrs, args.ft_branches)
+    settings = [_setting_name(lr, decay) for lr, decay in _settings(args)]
+    text = table(bench.results, args.seeds, args.ft_fraction, settings, args.ft_branches)
     print(text)
     (bench.work / "table.md").write_text(text)
     return 0

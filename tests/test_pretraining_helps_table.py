@@ -1,4 +1,4 @@
-"""The benchmark's table picks each seed's fine-tuning lr on val, never on test."""
+"""The benchmark's table picks each seed's fine-tuning setting (lr, layer decay) on val, never on test."""
 
 from __future__ import annotations
 
@@ -20,18 +20,28 @@ def run(val_f1: float, test_acc: float) -> dict:
     return {"val": {**metrics, "f1_macro": val_f1, "auroc_macro": 0.5}, "test": metrics, "best_step": 1, "steps": 2}
 
 
-def test_lr_is_chosen_per_seed_on_val_f1():
+def test_setting_is_chosen_per_seed_on_val_f1():
     bench = load_benchmark()
-    results = {  # the lr with the best test score is never the one val picks
+    results = {  # the setting with the best test score is never the one val picks
         "finetune/cass/cnn/seed0/lr0.001": run(val_f1=0.9, test_acc=0.80),
         "finetune/cass/cnn/seed0/lr0.003": run(val_f1=0.8, test_acc=0.99),
+        "finetune/cass/cnn/seed0/lr0.003-ld0.75": run(val_f1=0.6, test_acc=0.99),
         "finetune/cass/cnn/seed1/lr0.001": run(val_f1=0.7, test_acc=0.99),
-        "finetune/cass/cnn/seed1/lr0.003": run(val_f1=0.8, test_acc=0.90),
+        "finetune/cass/cnn/seed1/lr0.003": run(val_f1=0.8, test_acc=0.99),
+        "finetune/cass/cnn/seed1/lr0.003-ld0.75": run(val_f1=0.85, test_acc=0.90),
     }
-    lines = bench.table(results, [0, 1], 0.1, [1e-3, 3e-3], ["cnn"]).splitlines()
+    settings = [bench._setting_name(1e-3, 1.0), bench._setting_name(3e-3, 1.0), bench._setting_name(3e-3, 0.75)]
+    assert settings == ["lr0.001", "lr0.003", "lr0.003-ld0.75"]  # layer decay 1 keeps the plain name
+    lines = bench.table(results, [0, 1], 0.1, settings, ["cnn"]).splitlines()
     chosen = [line for line in lines if "chosen on val" in line]
     assert len(chosen) == 1
-    assert "(0.001, 0.003)" in chosen[0]
+    assert "(lr0.001, lr0.003-ld0.75)" in chosen[0]
     assert "| 85.0 ± 7.1 |" in chosen[0]  # test accuracy of the picked runs: 0.80 and 0.90
-    per_lr = [line for line in lines if line.startswith("| CASS (default objective) | cnn | 0.00")]
-    assert [line.split(" | ")[3] for line in per_lr] == ["89.5 ± 13.4", "94.5 ± 6.4"]
+    per_setting = [line for line in lines if line.startswith("| CASS (default objective) | cnn | lr")]
+    assert [line.split(" | ")[3] for line in per_setting] == ["89.5 ± 13.4", "99.0 ± 0.0", "94.5 ± 6.4"]
+
+
+def test_settings_cross_lrs_with_layer_decays():
+    bench = load_benchmark()
+    args = bench.parse_args(["--ft-lrs", "1e-3", "3e-3", "--ft-layer-decays", "1", "0.75"])
+    assert bench._settings(args) == [(1e-3, 1.0), (3e-3, 1.0), (1e-3, 0.75), (3e-3, 0.75)]
