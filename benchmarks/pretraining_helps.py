@@ -9,8 +9,9 @@ For each seed, on the shards made by ``cass-shards medmnist``:
      to 28 px: ViT patch 7; the default objective, two views, 600 steps),
    - CASS-pretrained backbones with the paper objective (``--objective paper``, one shared view);
 2. fine-tuning (``engine.finetune``) at 10% of the training labels from each init, of each branch
-   (CNN, ViT, both), at each lr of a small grid; the table also gives, per init and branch, the test
-   metrics at the lr each seed's validation F1 picks, which is the comparison a user can make.
+   (CNN, ViT, both), at each setting of a small grid (lrs, crossed with layer-wise lr decays when
+   ``--ft-layer-decays`` names any); the table also gives, per init and branch, the test metrics at
+   the setting each seed's validation F1 picks, which is the comparison a user can make.
 
 Every unit of work is written to ``<work>/results.json`` as soon as it is done, so an interrupted run
 resumes where it stopped, and processes started on one work dir with different ``--seeds`` share
