@@ -28,6 +28,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import statistics
 import time
 from contextlib import contextmanager
@@ -198,6 +199,9 @@ class Bench:
         result = finetune(cfg)
         self.record(key, {split: {m: result[split][m] for m in METRICS} for split in ("val", "test")}
                     | {"best_step": result["best_step"], "steps": result["steps"]})
+        # the resumable state (weights and optimizer, ~130 MB a CNN run) is dead once the result is
+        # recorded; a full grid would otherwise fill tens of GB. best/ and export/ stay for inspection.
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
 
     def run(self) -> None:
         self.make_shards()
