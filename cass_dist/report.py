@@ -17,13 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
+from cass_dist.errors import CassError
+
 METRICS_FILE = "metrics.json"
 COLUMNS = ("dataset", "method", "init", "branch", "label fraction", "F1 (macro)", "AUROC", "accuracy")
 GROUP_KEYS = ("dataset", "method", "init", "branch", "label fraction")
 SCORES = {"F1 (macro)": "f1_macro", "AUROC": "auroc_macro", "accuracy": "accuracy"}
 
 
-class ReportError(ValueError):
+class ReportError(CassError, ValueError):
     """A run dir has no readable metrics.json, or it lacks a field the table needs."""
 
 

@@ -43,11 +43,15 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from cass_dist.errors import CassError
+
 C = TypeVar("C")
 
 
-class ConfigError(ValueError):
+class ConfigError(CassError, ValueError):
     """A config value, file or flag is invalid; the message names the dotted field."""
+
+    exit_code = 2
 
 
 class FieldError(ConfigError):

@@ -9,12 +9,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from cass_dist.errors import CassError
+
 MODES = ("RGB", "L")
 FORMATS = ("png", "jpg")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".ppm", ".pgm")
 
 
-class ImageError(ValueError):
+class ImageError(CassError, ValueError):
     """An image could not be read or converted."""
 
 

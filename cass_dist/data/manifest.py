@@ -24,12 +24,14 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from cass_dist.errors import CassError
+
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 TASKS = ("multi-class", "multi-label", "binary")
 
 
-class ManifestError(ValueError):
+class ManifestError(CassError, ValueError):
     """A manifest is missing, unreadable, of an unknown version, or inconsistent."""
 
 

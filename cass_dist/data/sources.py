@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from cass_dist.data.images import IMAGE_SUFFIXES
+from cass_dist.errors import CassError
 
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                  "test": "test", "testing": "test"}
@@ -22,7 +23,7 @@ MEDMNIST_TASKS = {"multi-label, binary-class": "multi-label", "binary-class": "b
                   "multi-class": "multi-class", "ordinal-regression": "multi-class"}
 
 
-class SourceError(ValueError):
+class SourceError(CassError, ValueError):
     """The input dataset is malformed; the message names the file or field and what was expected."""
 
 

@@ -41,13 +41,14 @@ from cass_dist.data.splits import (
     cross_split_duplicates,
     shuffled_members,
 )
+from cass_dist.errors import CassError
 
 SHARD_PATTERN = re.compile(r"^(train|val|test)-\d{6}\.tar$")
 INDEX_PATTERN = re.compile(r"^index-(train|val|test)\.json$")
 CHUNK = 32  # images per pool task: big enough to amortise IPC, small enough for a smooth progress bar
 
 
-class OutputExistsError(FileExistsError):
+class OutputExistsError(CassError, FileExistsError):
     """The output directory already holds a finished shard set (and overwrite was not asked for)."""
 
 

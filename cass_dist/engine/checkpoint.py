@@ -18,11 +18,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cass_dist.errors import CassError
+
 STATE_FILE = "train_state.json"
 _NAME = re.compile(r"^step-(\d{7,})$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(CassError, RuntimeError):
     """A checkpoint to resume from is missing, incomplete or unreadable."""
 
 

@@ -32,6 +32,7 @@ from cass_dist.engine.classifier import (
 )
 from cass_dist.engine.run import Run
 from cass_dist.engine.step import count_steps, lr_factor, optimizer_step, set_lrs
+from cass_dist.errors import CassError
 from cass_dist.losses import focal_loss
 from cass_dist.metrics import write_metrics
 from cass_dist.plots import log_images, plot_confusion_matrix, plot_curves
@@ -39,7 +40,7 @@ from cass_dist.plots import log_images, plot_confusion_matrix, plot_curves
 BEST_DIR = "best"
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(CassError, RuntimeError):
     """The fine-tuning loss was NaN/inf for ``run.max_nonfinite_steps`` steps in a row."""
 
 

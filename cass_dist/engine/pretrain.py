@@ -27,6 +27,7 @@ from cass_dist.engine.checkpoint import find_latest
 from cass_dist.engine.probe import extract_features, knn_predict
 from cass_dist.engine.run import Run
 from cass_dist.engine.step import count_steps, lr_factor, optimizer_step, set_lrs
+from cass_dist.errors import CassError
 from cass_dist.losses.cass import build_objective
 from cass_dist.models import CASS, CASSPretrainer, export_backbones
 from cass_dist.monitor import CollapseMonitor, embedding_stats
@@ -35,7 +36,7 @@ from cass_dist.utils.deepspeed import check_launch as check_deepspeed_launch
 LoaderFactory = Callable[[PretrainConfig, object, int, int], Iterable[dict]]
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(CassError, RuntimeError):
     """The loss was NaN/inf for ``run.max_nonfinite_steps`` steps in a row."""
 
 

@@ -19,14 +19,16 @@ import timm
 import torch.nn as nn
 from timm.layers import set_reentrant_ckpt, use_reentrant_ckpt
 
+from cass_dist.errors import CassError
+
 HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
-class BackboneError(ValueError):
+class BackboneError(CassError, ValueError):
     """A backbone name, a timm keyword or a weights file does not fit the requested architecture."""
 
 
-class WeightsUnavailableError(FileNotFoundError):
+class WeightsUnavailableError(CassError, FileNotFoundError):
     """Pretrained weights were requested but no file, cache or hub could provide them."""
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from cass_dist.errors import CassError
+
 INSTALL_HINT = 'pip install "cass-dist[deepspeed]"'
 # Accelerate (1.x) reads transformers' version whenever a DeepSpeed plugin is selected, even for ZeRO-2,
 # and fails with PackageNotFoundError when it is absent; so the extra needs it too.
@@ -19,7 +21,7 @@ COMPANIONS = ("transformers",)
 EXPLICIT_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
 
-class DeepSpeedUnavailableError(ImportError):
+class DeepSpeedUnavailableError(CassError, ImportError):
     """DeepSpeed was asked for (a DeepSpeed config or distributed type) but cannot be imported."""
 
 
