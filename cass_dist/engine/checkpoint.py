@@ -188,15 +188,16 @@ def verify_before_load(accelerator, path: Path, state: TrainState, *, force: boo
     """
     from accelerate.utils import DistributedType, broadcast_object_list
 
+    warn = log.warning if accelerator.is_main_process else log.debug
     if force:
-        log.warning(f"{path}: file digests not checked (--resume-force {FORCE_FILES})")
+        warn(f"{path}: file digests not checked (--resume-force {FORCE_FILES})")
         return
     if not state.files:
         if accelerator.distributed_type == DistributedType.DEEPSPEED:
             raise CheckpointError(
                 f"{path}: no file digests in {STATE_FILE} (saved by an older cass-dist), and DeepSpeed unpickles "
                 f"its files; if you trust this directory, resume with --resume-force {FORCE_FILES}")
-        log.warning(f"{path}: no file digests in {STATE_FILE} (saved by an older cass-dist); files not checked")
+        warn(f"{path}: no file digests in {STATE_FILE} (saved by an older cass-dist); files not checked")
         return
     verdict = [check_files(path, state.files) if accelerator.is_main_process else None]
     problems = broadcast_object_list(verdict)[0]

@@ -31,7 +31,6 @@ import logging
 import os
 import signal
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +50,8 @@ from cass_dist.engine.checkpoint import (
     save_checkpoint,
 )
 from cass_dist.engine.fingerprint import check_resume, config_changes, flatten, parse_force
+from cass_dist.engine.trackers import start_trackers, truncate_metrics
+from cass_dist.engine.trackers import wandb_offline_reason as _wandb_offline_reason  # noqa: F401 (tests)
 from cass_dist.errors import CassError
 from cass_dist.utils.deepspeed import deepspeed_requested
 
@@ -78,18 +79,6 @@ def choose_precision(requested: str = "auto") -> tuple[str, str]:
         return "fp16", (f"fp16 with dynamic loss scaling: GPU compute capability {major}.{minor} has no "
                         "native bf16 (T4/V100); non-finite steps are skipped by the scaler")
     return "fp32", f"fp32: GPU compute capability {major}.{minor} is too old for fast half precision"
-
-
-def _wandb_offline_reason() -> str | None:
-    """Why W&B must run offline (no credentials: wandb.init would prompt or wait), or None."""
-    if os.environ.get("WANDB_MODE"):
-        return None
-    if os.environ.get("WANDB_API_KEY"):
-        return None
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
-        return None
-    return "no W&B credentials (WANDB_API_KEY or ~/.netrc); logging offline, sync later with `wandb sync`"
 
 
 def _process_group_kwargs() -> list:
@@ -185,7 +174,7 @@ class Run:
                     d.mkdir(parents=True, exist_ok=True)
                 if self.config is not None:
                     save_config(self.config, self.dir / "config.yaml")
-                self._tracker_floor = self._truncate_metrics(step)
+                self._tracker_floor = truncate_metrics(self.metrics_path, step)
             except OSError as exc:
                 raise RunDirError(f"run.output_dir: cannot write the run directory {self.dir} ({exc})") from exc
         self.accelerator.wait_for_everyone()
@@ -194,50 +183,13 @@ class Run:
 
     # ------------------------------------------------------------------ trackers and metrics
     def _start_trackers(self) -> None:
-        if self.cfg.report_to == "none":
-            return
-        init_kwargs: dict[str, Any] = {}
-        if self.cfg.report_to == "wandb" and self.is_main:
-            import wandb
-
-            wandb_kwargs: dict[str, Any] = {
-                "id": self._wandb_run_id(), "resume": os.environ.get("WANDB_RESUME") or "allow",
-                "dir": str(self.dir), "settings": wandb.Settings(init_timeout=60),
-            }
-            if self.cfg.run_name:
-                wandb_kwargs["name"] = self.cfg.run_name
-            offline = _wandb_offline_reason()
-            if offline:
-                self.print(offline)
-                wandb_kwargs["mode"] = "offline"
-            init_kwargs["wandb"] = wandb_kwargs
-        flat = _flatten(to_dict(self.config)) if self.config is not None else {}
-        try:
-            self.accelerator.init_trackers(self.cfg.project, config=flat, init_kwargs=init_kwargs)
-        except Exception as exc:  # a tracker must never kill or hang training: fall back to offline
-            if self.cfg.report_to != "wandb":
-                raise
-            self.print(f"W&B could not start online ({exc}); logging offline instead")
-            init_kwargs["wandb"]["mode"] = "offline"
-            self.accelerator.init_trackers(self.cfg.project, config=flat, init_kwargs=init_kwargs)
-        if self.cfg.report_to == "wandb" and self.is_main:
-            wandb_run = self.accelerator.get_tracker("wandb", unwrap=True)
-            self._tracker_floor = max(self._tracker_floor, int(getattr(wandb_run, "starting_step", 0) or 0) - 1)
+        floor = start_trackers(self.accelerator, report_to=self.cfg.report_to, project=self.cfg.project,
+                               run_name=self.cfg.run_name, run_dir=self.dir,
+                               config=to_dict(self.config) if self.config is not None else {})
+        self._tracker_floor = max(self._tracker_floor, floor)
         if self._tracker_floor > 0:
             self.print(f"steps up to {self._tracker_floor} reached {self.cfg.report_to} before this start: "
                        f"they are not sent again")
-
-    def _wandb_run_id(self) -> str:
-        """Return the W&B run id: ``WANDB_RUN_ID`` when set, else the run dir's ``wandb_id`` (made once)."""
-        id_file = self.dir / "wandb_id"
-        stored = id_file.read_text().strip() if id_file.is_file() else ""
-        from_env = os.environ.get("WANDB_RUN_ID", "").strip()
-        if from_env and stored and from_env != stored:
-            self.print(f"W&B: WANDB_RUN_ID={from_env} replaces the run dir's id {stored} ({id_file})")
-        run_id = from_env or stored or uuid.uuid4().hex[:12]
-        if run_id != stored:
-            _write_text_atomic(id_file, run_id)
-        return run_id
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Append one record to metrics.jsonl and send it to the trackers (main process only).
@@ -254,28 +206,6 @@ class Run:
             fh.write(json.dumps(record) + "\n")
         if self.cfg.report_to != "none" and step > self._tracker_floor:
             self.accelerator.log(metrics, step=step)
-
-    def _truncate_metrics(self, step: int) -> int:
-        """Drop records after ``step`` (written after the last checkpoint) and unreadable lines.
-
-        Returns the highest step the file held: what the trackers were sent before this start.
-        """
-        if not self.metrics_path.is_file():
-            return 0
-        kept, last, unreadable = [], 0, 0
-        for line in self.metrics_path.read_text(errors="replace").splitlines():
-            try:
-                record_step = int(json.loads(line)["step"])
-            except (ValueError, TypeError, KeyError):  # e.g. the half-written last line of a killed run
-                unreadable += bool(line.strip())
-                continue
-            last = max(last, record_step)
-            if record_step <= step:
-                kept.append(line)
-        if unreadable:
-            log.warning(f"{self.metrics_path}: dropped {unreadable} unreadable line(s)")
-        _write_text_atomic(self.metrics_path, "".join(ln + "\n" for ln in kept))
-        return last
 
     # ------------------------------------------------------------------ signals
     def _install_signal_handlers(self) -> None:
@@ -358,22 +288,3 @@ class Run:
         for signum, handler in self._old_handlers.items():
             signal.signal(signum, handler)
         self._old_handlers.clear()
-
-
-def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and value:
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return out
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
