@@ -30,23 +30,32 @@ class ReportError(CassError, ValueError):
 
 
 def load_result(path: str | os.PathLike) -> dict:
-    """Return the parsed metrics.json of a run dir (or the file itself); raise ReportError when unusable."""
+    """Return the parsed metrics.json of a run dir (or the file itself); raise ReportError when unusable.
+
+    The file must be a JSON object whose ``split`` names a mapping of that split's scores.
+    """
     path = Path(path)
     file = path / METRICS_FILE if path.is_dir() else path
     if not file.is_file():
         raise ReportError(f"{path}: no {METRICS_FILE} (is it a finished fine-tuning or evaluation run?)")
     try:
         result = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise ReportError(f"{file}: not valid JSON ({exc})") from exc
+    except (OSError, ValueError) as exc:  # unreadable, not UTF-8, not JSON
+        raise ReportError(f"{file}: not readable JSON ({exc})") from exc
+    if not isinstance(result, dict):
+        raise ReportError(f"{file}: expected a JSON object, got {type(result).__name__}")
     split = result.get("split")
-    if split not in result or not isinstance(result[split], dict):
+    if not isinstance(split, str) or not isinstance(result.get(split), dict):
         raise ReportError(f"{file}: expected a 'split' field naming the scored split's metrics")
+    result_row(result, origin=str(file))  # every field the table reads is checked here, with the file's name
     return result
 
 
-def result_row(result: dict) -> dict:
-    """Return one table row (column name -> value; scores as floats, NaN when undefined)."""
+def result_row(result: dict, origin: str = METRICS_FILE) -> dict:
+    """Return one table row (column name -> value; scores as floats, NaN when undefined).
+
+    Raises ReportError naming ``origin`` and the field when a score or the label fraction is not a number.
+    """
     scores = result[result["split"]]
     init = str(result.get("init", ""))
     return {
@@ -54,8 +63,8 @@ def result_row(result: dict) -> dict:
         "method": str(result.get("kind", "")),
         "init": init if init in ("random", "imagenet") else Path(init).name or init,
         "branch": str(result.get("branch", "")),
-        "label fraction": result.get("label_fraction", 1.0),
-        **{col: _float(scores.get(key)) for col, key in SCORES.items()},
+        "label fraction": _float(result.get("label_fraction", 1.0), origin, "label_fraction"),
+        **{col: _float(scores.get(key), origin, f"{result['split']}.{key}") for col, key in SCORES.items()},
     }
 
 
@@ -94,35 +103,49 @@ def _plain(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def _float(value) -> float:
-    return math.nan if value is None else float(value)
+def _float(value, origin: str, name: str) -> float:
+    if value is None:
+        return math.nan
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ReportError(f"{origin}: {name} must be a number or null, got {value!r}")
+    return float(value)
 
 
 def build_report(paths: Sequence[str | os.PathLike], *, mean: bool = False) -> str:
     """Return the markdown table for the runs at ``paths``; raise ReportError for an unusable run."""
-    rows = [result_row(load_result(p)) for p in paths]
+    rows = [result_row(load_result(p), origin=str(p)) for p in paths]
     rows.sort(key=lambda r: tuple(str(r[k]) for k in GROUP_KEYS))
     return markdown_table(aggregate_rows(rows) if mean else rows)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry: print the table (and write it with --out); return the exit code."""
-    parser = argparse.ArgumentParser(prog="cass-report", description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", help="run dirs (or metrics.json files)")
-    parser.add_argument("--out", help="also write the table to this markdown file")
+def build_parser() -> argparse.ArgumentParser:
+    """Return the cass-report argument parser (each option's help states its default)."""
+    parser = argparse.ArgumentParser(prog="cass-report", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="run dirs (or metrics.json files) of finished fine-tuning or "
+                        "evaluation runs")
+    parser.add_argument("--out", default=None, help="also write the table to this markdown file (atomically)")
     parser.add_argument("--mean", action="store_true", help="one row per configuration: mean ± std over seeds")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry: print the table (and write it with --out); return the exit code (1: an unusable run)."""
+    args = build_parser().parse_args(argv)
     try:
         table = build_report(args.runs, mean=args.mean)
-    except ReportError as exc:
-        print(f"cass-report: error: {exc}", file=sys.stderr)
-        return 1
+        if args.out:
+            out = Path(args.out)
+            tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+            try:
+                tmp.write_text(table)
+                os.replace(tmp, out)
+            except OSError as exc:
+                raise ReportError(f"--out {out}: cannot write the table ({exc})") from exc
+    except CassError as exc:
+        print(f"cass-report: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return exc.exit_code
     print(table, end="")
-    if args.out:
-        out = Path(args.out)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        tmp.write_text(table)
-        os.replace(tmp, out)
     return 0
 
 

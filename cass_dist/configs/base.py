@@ -43,6 +43,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from cass_dist.configs.fielddocs import field_comments, flag_help
 from cass_dist.errors import CassError
 
 C = TypeVar("C")
@@ -67,22 +68,25 @@ class FieldError(ConfigError):
 class RunSection:
     """What every training job shares (pretraining and fine-tuning alike)."""
 
-    output_dir: str = "runs/cass"
-    seed: int = 0
+    output_dir: str = "runs/cass"  # the run directory: config.yaml, metrics.jsonl, checkpoints/, export/
+    seed: int = 0  # seeds every RNG and the data order; part of a checkpoint's fingerprint
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on >=8.0 GPUs, fp16 on 7.x, fp32 on CPU
-    report_to: Literal["none", "wandb", "tensorboard"] = "none"
+    report_to: Literal["none", "wandb", "tensorboard"] = "none"  # trackers; metrics.jsonl is always written
     project: str = "cass-dist"  # W&B / TensorBoard project name
-    run_name: str = ""
+    run_name: str = ""  # display name in W&B ("": W&B picks one)
     max_steps: int = 0  # optimizer steps; 0 = derive from epochs
-    epochs: int = 1
-    grad_accum_steps: int = 1
+    epochs: int = 1  # passes over the training split, used when max_steps is 0
+    grad_accum_steps: int = 1  # micro-batches per optimizer step (global batch = batch x processes x this)
     clip_grad: float = 0.0  # max global grad norm; 0 = off
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # optimizer steps of linear lr warmup before the cosine decay
     min_lr_ratio: float = 0.0  # cosine ends at lr * min_lr_ratio
     save_every: int = 0  # steps between checkpoints; 0 = only at the end
-    keep_last: int = 2
+    keep_last: int = 2  # complete checkpoints kept; older ones are deleted
     resume: str = ""  # "", "auto" (newest complete checkpoint, if any) or a checkpoint dir
-    log_every: int = 10
+    # comma-separated fingerprint fields a resume may change (e.g. "global_batch,optim.optimizer");
+    # a resume that changes any other one is refused (see engine/fingerprint.py)
+    resume_force: str = ""
+    log_every: int = 10  # optimizer steps between metrics.jsonl / tracker records
     max_nonfinite_steps: int = 5  # stop after this many non-finite losses in a row
 
     def validate(self) -> None:
@@ -109,6 +113,7 @@ RUN_ALIASES = {
     "--save-every": "run.save_every", "--keep-last": "run.keep_last", "--resume": "run.resume",
     "--grad-accum-steps": "run.grad_accum_steps", "--clip-grad": "run.clip_grad",
     "--warmup-steps": "run.warmup_steps", "--log-every": "run.log_every", "--run-name": "run.run_name",
+    "--resume-force": "run.resume_force",
 }
 
 
@@ -293,14 +298,48 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
     data[leaf] = value
 
 
+def _leaf_comments(cls: type, prefix: str = "") -> dict[str, str]:
+    out = {}
+    comments = field_comments(cls)
+    for name, tp in _hints(cls).items():
+        if _is_section(tp):
+            out.update(_leaf_comments(tp, f"{prefix}{name}."))
+        else:
+            out[f"{prefix}{name}"] = comments.get(name, "")
+    return out
+
+
+def _default_of(defaults: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        defaults = getattr(defaults, part)
+    return defaults
+
+
+def field_meanings(cls: type) -> dict[str, str]:
+    """Return ``{dotted field: what it means}`` for every leaf of a config class ("" when uncommented)."""
+    return _leaf_comments(cls)
+
+
 def build_parser(cls: type, aliases: Mapping[str, str], presets: Mapping[str, Any], prog: str | None = None
                  ) -> argparse.ArgumentParser:
-    """Return the argparse parser: --config, --preset, one flag per leaf field, and the short aliases."""
-    parser = argparse.ArgumentParser(prog=prog, description=(cls.__doc__ or "").strip().splitlines()[0]
-                                     if cls.__doc__ else None, allow_abbrev=False)
-    parser.add_argument("--config", help="YAML file; flags given here override it")
-    parser.add_argument("--preset", help=f"start from a named preset: {', '.join(sorted(presets))}")
+    """Return the argparse parser: --config, --preset, one flag per leaf field, and the short aliases.
+
+    Each flag's help is the field's source comment (see ``configs/fielddocs.py``), its type and default.
+    """
+    description = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+    parser = argparse.ArgumentParser(
+        prog=prog, allow_abbrev=False, usage="%(prog)s [--preset NAME] [--config FILE] [--section.field V ...]",
+        description=f"{description} Values merge as: defaults < --preset < --config YAML < flags; every "
+                    f"field is a flag --section.field (dashes or underscores), short aliases beside it.")
+    parser.add_argument("--config", metavar="FILE", help="a YAML file of sections and fields (a run's config.yaml "
+                        "works); flags given here override it")
+    choices = ", ".join(f"{name} ({(fn.__doc__ or '').strip().splitlines()[0].rstrip('.')})" if fn.__doc__ else name
+                        for name, fn in sorted(presets.items()))
+    parser.add_argument("--preset", metavar="NAME", help=f"start from a named preset: {choices or 'none'}"
+                        .replace("%", "%%"))
     leaves = _leaves(cls)
+    meanings = _leaf_comments(cls)
+    defaults = cls()
     by_target: dict[str, list[str]] = {}
     for flag, target in aliases.items():
         if target not in leaves:
@@ -312,7 +351,7 @@ def build_parser(cls: type, aliases: Mapping[str, str], presets: Mapping[str, An
         kwargs: dict[str, Any] = {"dest": f"set:{dotted}", "default": argparse.SUPPRESS, "metavar": "V"}
         if tp is bool:  # "--flag" alone means true; "--flag false" also works
             kwargs.update(nargs="?", const="true")
-        parser.add_argument(*flags, help=f"{dotted} ({getattr(tp, '__name__', tp)})", **kwargs)
+        parser.add_argument(*flags, help=flag_help(meanings[dotted], tp, _default_of(defaults, dotted)), **kwargs)
     return parser
 
 

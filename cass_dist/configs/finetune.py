@@ -25,12 +25,12 @@ BUILTIN_INITS = ("random", "imagenet")
 @dataclass
 class DownstreamDataSection:
     shards: str = ""  # directory holding manifest.json (made by cass-shards)
-    train_split: str = "train"
-    val_split: str = "val"
-    test_split: str = "test"
+    train_split: str = "train"  # split the head (and backbone) trains on
+    val_split: str = "val"  # split for early stopping and the linear probe's C
+    test_split: str = "test"  # split scored at the end
     batch_size: int = 32  # per process
     eval_batch_size: int = 0  # 0 = batch_size
-    num_workers: int = 0
+    num_workers: int = 0  # data-loading processes per training process (0: load in the main process)
     image_size: int = 0  # 0 = the manifest's image size
     label_fraction: float = 1.0  # stratified share of the training labels used
     fraction_seed: int = 0  # which stratified subset; fixed across seeds so runs compare on the same labels
@@ -59,11 +59,11 @@ class DownstreamModelSection:
     init: str = "random"  # random | imagenet | pretraining run dir | export dir | .safetensors file
     branch: Literal["cnn", "vit", "both"] = "cnn"  # "both" averages the two branches' probabilities
     cnn: str = "resnet18"  # architecture for init random / imagenet
-    vit: str = "vit_tiny_patch16_224"
+    vit: str = "vit_tiny_patch16_224"  # the same for the ViT branch
     cnn_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
-    vit_kwargs: dict[str, Any] = field(default_factory=dict)
-    head_dropout: float = 0.0
-    grad_checkpointing: bool = False
+    vit_kwargs: dict[str, Any] = field(default_factory=dict)  # the same for the ViT (img_size, patch_size ...)
+    head_dropout: float = 0.0  # dropout before the classifier head
+    grad_checkpointing: bool = False  # recompute activations in backward: less memory, slower
 
     def validate(self) -> None:
         if not self.init:
@@ -91,12 +91,12 @@ class LossSection:
 @dataclass
 class FinetuneOptimSection:
     lr: float = 3e-4  # head and last block; earlier blocks get lr * layer_decay ** depth
-    weight_decay: float = 0.05
+    weight_decay: float = 0.05  # AdamW weight decay (norms and biases get none)
     layer_decay: float = 1.0  # 1.0 = off; e.g. 0.75 for ViTs
     # Heads alone first (a linear probe), then everything (LP-FT, Kumar et al. 2022): a random head's
     # early gradients would otherwise overwrite pretrained features. The backbones then get their own warmup.
     freeze_backbone_steps: int = 0
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW moment decay rates
 
     def validate(self) -> None:
         if not self.lr > 0:
@@ -142,9 +142,9 @@ class FinetuneConfig:
 @dataclass
 class ProbeSection:
     kind: Literal["knn", "linear", "head"] = "knn"  # head: a fine-tuned run's own classifier
-    k: int = 20
-    temperature: float = 0.07
-    Cs: list[float] = field(default_factory=lambda: [0.001, 0.01, 0.1, 1.0, 10.0])
+    k: int = 20  # kNN neighbours
+    temperature: float = 0.07  # kNN vote weights exp(similarity / temperature)
+    Cs: list[float] = field(default_factory=lambda: [0.001, 0.01, 0.1, 1.0, 10.0])  # linear probe inverse regularisations tried on val
     split: str = "test"  # the split scored; kNN / linear fit on train (C chosen on val)
 
     def validate(self) -> None:

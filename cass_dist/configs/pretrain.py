@@ -27,11 +27,11 @@ from cass_dist.losses.cass import DEFAULT_OBJECTIVE
 @dataclass
 class DataSection:
     shards: str = ""  # directory holding manifest.json (made by cass-shards)
-    train_split: str = "train"
+    train_split: str = "train"  # split the model trains on
     val_split: str = "val"  # used by the periodic kNN when the shard set has labels
     batch_size: int = 32  # per process
-    num_workers: int = 0
-    image_size: int = 224
+    num_workers: int = 0  # data-loading processes per training process (0: load in the main process)
+    image_size: int = 224  # pixels, square: images are resized/cropped to this
     transform: Literal["pretrain", "ssl", "eval"] = "pretrain"  # the paper's; crops, jitter, blur; none
     # 2: each branch gets its own augmentation of the image, so agreeing means ignoring what the
     # augmentations change; from scratch this learns far better features at the same cost a step
@@ -53,20 +53,20 @@ class DataSection:
 class ModelSection:
     """Arguments of ``cass_dist.models.CASS`` plus how the engine runs it."""
 
-    cnn: str = "resnet50"
-    vit: str = "vit_base_patch16_224"
+    cnn: str = "resnet50"  # timm name of the CNN branch
+    vit: str = "vit_base_patch16_224"  # timm name of the ViT branch
     embed_dim: int = 1000  # the paper uses the 1000-d ImageNet classifier outputs
     # mlp: a BatchNorm projector per branch, which keeps the ViT from collapsing under the default
     # objective (docs/objectives.md); linear: the timm classifier outputs, as in the paper
     head: Literal["linear", "mlp"] = "mlp"
-    proj_hidden_dim: int = 2048
+    proj_hidden_dim: int = 2048  # hidden width of the mlp projector heads
     vit_patch_size: int | None = None  # None: the model's own; small images want small patches
-    drop_path_rate: float | None = None
+    drop_path_rate: float | None = None  # stochastic depth of both branches; None: the model's own
     pretrained: bool = False  # timm hub weights (network, or a filled cache_dir)
     pretrained_cnn_file: str = ""  # local weights for compute nodes without internet
-    pretrained_vit_file: str = ""
-    cache_dir: str = ""
-    grad_checkpointing: bool = False
+    pretrained_vit_file: str = ""  # the same for the ViT
+    cache_dir: str = ""  # timm/HF hub cache for --pretrained (a filled one works offline)
+    grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     channels_last: bool = True  # memory format of the CNN and its input (faster convs on GPUs)
     compile: bool = False  # torch.compile each backbone in place
     sync_bn: bool = False  # SyncBatchNorm in the CNN under multi-GPU DDP
@@ -96,13 +96,13 @@ class ObjectiveSection:
 
 @dataclass
 class OptimSection:
-    optimizer: Literal["adamw", "adam"] = "adamw"
-    lr_cnn: float = 1e-3
-    lr_vit: float = 1e-3
-    weight_decay_cnn: float = 0.0
-    weight_decay_vit: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    optimizer: Literal["adamw", "adam"] = "adamw"  # adamw: decoupled weight decay; adam: as in the paper
+    lr_cnn: float = 1e-3  # peak learning rate of the CNN branch (after warmup)
+    lr_vit: float = 1e-3  # peak learning rate of the ViT branch
+    weight_decay_cnn: float = 0.0  # weight decay of the CNN branch (norms and biases get none)
+    weight_decay_vit: float = 0.0  # weight decay of the ViT branch
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam moment decay rates
+    eps: float = 1e-8  # Adam denominator epsilon
 
     def validate(self) -> None:
         for name in ("lr_cnn", "lr_vit"):
@@ -120,7 +120,7 @@ class OptimSection:
 @dataclass
 class MonitorSection:
     knn_every: int = 0  # steps between kNN evaluations on the val split; 0 = off
-    knn_k: int = 20
+    knn_k: int = 20  # neighbours of the periodic kNN
     knn_max_train: int = 2000  # bank size: kNN is a health signal, not the final evaluation
     collapse_std_fraction: float = 0.1  # warn when embedding std < fraction / sqrt(d) ...
     collapse_min_eff_rank: float = 2.0  # ... or the effective rank falls below this

@@ -18,6 +18,8 @@ from cass_dist.data.manifest import Manifest, ManifestError
 from cass_dist.data.sources import SourceData, SourceError, read_csv, read_folder, read_medmnist
 from cass_dist.data.writer import WriteOptions, write_shards
 
+SHOW_DEFAULTS = argparse.ArgumentDefaultsHelpFormatter  # every option's --help line ends with its default
+
 
 def _common(parser: argparse.ArgumentParser, shard_size: int = 1000) -> None:
     parser.add_argument("--out", required=True, help="output directory for the shards and manifest.json")
@@ -39,21 +41,22 @@ def _common(parser: argparse.ArgumentParser, shard_size: int = 1000) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """Return the cass-shards argument parser."""
     parser = argparse.ArgumentParser(prog="cass-shards", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="medmnist, folder, csv, synthetic or verify (cass-shards COMMAND --help)")
 
-    p = sub.add_parser("medmnist", help="a 2D MedMNIST dataset from its official npz")
+    p = sub.add_parser("medmnist", formatter_class=SHOW_DEFAULTS, help="a 2D MedMNIST dataset from its official npz")
     p.add_argument("flag", help="dataset flag, e.g. breastmnist, chestmnist, retinamnist")
-    p.add_argument("--size", type=int, default=28, choices=(28, 64, 128, 224))
+    p.add_argument("--size", type=int, default=28, choices=(28, 64, 128, 224), help="MedMNIST+ image size in pixels")
     p.add_argument("--root", default=None, help="directory holding <flag>.npz (offline); default: download")
     _common(p)
 
-    p = sub.add_parser("folder", help="class folders, optionally inside split folders")
+    p = sub.add_parser("folder", formatter_class=SHOW_DEFAULTS, help="class folders, optionally inside split folders")
     p.add_argument("dir", help="DIR/<class>/* or DIR/<split>/<class>/* (Training/Testing, train/val/test)")
     _common(p)
 
-    p = sub.add_parser("csv", help="a CSV of image paths and labels")
-    p.add_argument("file")
-    p.add_argument("--image-col", required=True)
+    p = sub.add_parser("csv", formatter_class=SHOW_DEFAULTS, help="a CSV of image paths and labels")
+    p.add_argument("file", help="CSV with a header row")
+    p.add_argument("--image-col", required=True, help="column holding each image's path")
     labels = p.add_mutually_exclusive_group(required=True)
     labels.add_argument("--label-col", help="one column of class names or ids (multi-class)")
     labels.add_argument("--label-cols", help="comma-separated 0/1 columns (multi-label)")
@@ -63,13 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default=None, help="image paths are relative to this (default: the CSV's dir)")
     _common(p)
 
-    p = sub.add_parser("synthetic", help="the built-in deterministic demo set")
-    p.add_argument("--num-images", type=int, default=3000)
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--num-classes", type=int, default=6)
+    p = sub.add_parser("synthetic", formatter_class=SHOW_DEFAULTS, help="the built-in deterministic demo set")
+    p.add_argument("--num-images", type=int, default=3000, help="images in all splits together")
+    p.add_argument("--image-size", type=int, default=64, help="square image side in pixels")
+    p.add_argument("--num-classes", type=int, default=6, help="learnable pattern classes")
     _common(p, shard_size=500)
 
-    p = sub.add_parser("verify", help="re-read every shard and check it against the manifest")
+    p = sub.add_parser("verify", formatter_class=SHOW_DEFAULTS, help="re-read every shard and check it against the manifest")
     p.add_argument("dir", nargs="?", help="shard directory (or give --out)")
     p.add_argument("--out", default=None, help="same as DIR")
     p.add_argument("--no-decode", action="store_true", help="skip decoding the images")

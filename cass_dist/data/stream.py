@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from cass_dist.data.manifest import Manifest, load_manifest
+from cass_dist.configs.base import ConfigError
+from cass_dist.data.manifest import Manifest, ManifestError, load_manifest
 from cass_dist.data.reader import ShardStream
 from cass_dist.data.sharding import batches_per_rank, plan_rank, read_split_index, worker_batch_counts
 from cass_dist.data.splits import select_label_fraction
@@ -112,7 +113,7 @@ def _resolve_size(manifest: Manifest, image_size, origin: str) -> list[int]:
     if image_size is not None:
         return [image_size, image_size] if isinstance(image_size, int) else [int(v) for v in image_size]
     if manifest.image.size is None:
-        raise ValueError(f"{origin}: images have mixed sizes (manifest image.size is null); pass image_size")
+        raise ManifestError(f"{origin}: images have mixed sizes (manifest image.size is null); pass image_size")
     return [int(v) for v in manifest.image.size]
 
 
@@ -172,7 +173,7 @@ def build_loader(shards_dir: str | os.PathLike, split: str, *, batch_size: int, 
     if train:
         num_batches = batches_per_rank(total, batch_size, world_size, drop_last)
         if num_batches == 0:
-            raise ValueError(f"{origin}: split {split!r} has {total} samples (label_fraction={label_fraction}), "
+            raise ConfigError(f"{origin}: split {split!r} has {total} samples (label_fraction={label_fraction}), "
                              f"fewer than one global batch of batch_size x world_size = {batch_size * world_size}")
         if not 0 <= start_batch <= num_batches:
             raise ValueError(f"start_batch must be in [0, {num_batches}], got {start_batch}")

@@ -24,6 +24,7 @@ from cass_dist.data import build_loader
 from cass_dist.data.manifest import Manifest
 from cass_dist.metrics import compute_metrics, gather_predictions
 from cass_dist.models import BackboneError, create_backbone, load_backbone, read_export_info
+from cass_dist.models.backbones import WeightsUnavailableError
 
 WEIGHTS_FILE = "classifier.safetensors"
 INFO_FILE = "classifier.json"
@@ -53,7 +54,7 @@ def build_backbone(model_cfg: DownstreamModelSection, branch: str) -> tuple[nn.M
             backbone = _create(name, kwargs)
     else:
         if not Path(init).exists():
-            raise FileNotFoundError(f"model.init {init!r}: no such run dir, export dir or file, and not one of "
+            raise WeightsUnavailableError(f"model.init {init!r}: no such run dir, export dir or file, and not one of "
                                     f"{BUILTIN_INITS}")
         spec = read_export_info(init)[branch]
         name, kwargs = spec["name"], {**spec["timm_kwargs"], "num_classes": 0}
@@ -165,11 +166,11 @@ def load_classifier(path: str | os.PathLike, manifest: Manifest | None = None) -
     """
     found = _classifier_dir(Path(path))
     if found is None:
-        raise FileNotFoundError(f"{path}: no fine-tuned classifier ({INFO_FILE} + {WEIGHTS_FILE}, "
+        raise WeightsUnavailableError(f"{path}: no fine-tuned classifier ({INFO_FILE} + {WEIGHTS_FILE}, "
                                 f"or best/ holding them); run launch/finetune.py first")
     info = json.loads((found / INFO_FILE).read_text())
     if manifest is not None and (info["class_names"] != manifest.class_names or info["task"] != manifest.task):
-        raise ValueError(f"{found}: the checkpoint's head was trained for {info['task']} classes "
+        raise BackboneError(f"{found}: the checkpoint's head was trained for {info['task']} classes "
                          f"{info['class_names']}, but the dataset has {manifest.task} classes {manifest.class_names}")
     backbones = {b: _create(s["name"], dict(s["timm_kwargs"])) for b, s in info["branches"].items()}
     model = Classifier(backbones, task=info["task"], num_classes=len(info["class_names"]),

@@ -30,6 +30,7 @@ from cass_dist.engine.classifier import (
     load_classifier,
     save_classifier,
 )
+from cass_dist.engine.fingerprint import finetune_fingerprint
 from cass_dist.engine.run import Run
 from cass_dist.engine.step import count_steps, lr_factor, optimizer_step, set_lrs
 from cass_dist.errors import CassError
@@ -122,7 +123,7 @@ def _train(cfg: FinetuneConfig, run: Run) -> dict:
     optimizer, base_lrs = build_optimizer(cfg, model)
     parts = [g["part"] for g in optimizer.param_groups]  # before prepare: DeepSpeed may rebuild the groups
     model, optimizer = acc.prepare(model, optimizer)
-    state = run.resume()
+    state = run.resume(finetune_fingerprint(cfg, manifest, acc.num_processes))  # refuses a changed run
     track = state.extra.setdefault("early_stop", {"best": None, "best_step": 0, "bad_evals": 0, "done": False})
 
     batches_per_epoch = len(build_train_loader(cfg, acc, 0, 0))

@@ -24,6 +24,7 @@ from cass_dist.configs.pretrain import OptimSection, PretrainConfig
 from cass_dist.data import build_loader, load_manifest
 from cass_dist.data.manifest import Manifest, write_json_atomic
 from cass_dist.engine.checkpoint import find_latest
+from cass_dist.engine.fingerprint import pretrain_fingerprint
 from cass_dist.engine.probe import extract_features, knn_predict
 from cass_dist.engine.run import Run
 from cass_dist.engine.step import count_steps, lr_factor, optimizer_step, set_lrs
@@ -120,7 +121,7 @@ def _train(cfg: PretrainConfig, run: Run, manifest: Manifest, make_loader: Loade
     base_lrs = [g["lr"] for g in optimizer.param_groups]  # before resume: load_state overwrites "lr"
     branch_of_group = [g["name"] for g in optimizer.param_groups]
     model, optimizer = acc.prepare(model, optimizer)
-    state = run.resume()
+    state = run.resume(pretrain_fingerprint(cfg, manifest, acc.num_processes))  # refuses a changed run
 
     loader = make_loader(cfg, acc, state.epoch, 0)
     batches_per_epoch = len(loader)

@@ -29,6 +29,7 @@ from cass_dist.engine.classifier import (
 )
 from cass_dist.engine.run import Run
 from cass_dist.metrics import compute_metrics, gather_predictions, write_metrics
+from cass_dist.models import BackboneError, WeightsUnavailableError
 from cass_dist.plots import log_images, plot_confusion_matrix
 
 DEFAULT_CS = (0.001, 0.01, 0.1, 1.0, 10.0)
@@ -201,7 +202,7 @@ def evaluate(cfg) -> dict:
         finetuned = load_classifier(cfg.model.init, manifest) if is_classifier_dir(cfg.model.init) else None
         if p.kind == "head":
             if finetuned is None:
-                raise FileNotFoundError(f"model.init {cfg.model.init}: --probe head needs a fine-tuned run "
+                raise WeightsUnavailableError(f"model.init {cfg.model.init}: --probe head needs a fine-tuned run "
                                         f"(with best/classifier.json); use --probe knn or linear for a pretraining run")
             metrics = evaluate_classifier(finetuned.to(acc.device), acc, d, p.split)
         else:
@@ -209,7 +210,7 @@ def evaluate(cfg) -> dict:
             for branch in branches_of(cfg.model.branch):
                 if finetuned is not None:
                     if branch not in finetuned.backbones:
-                        raise ValueError(f"model.init {cfg.model.init}: the fine-tuned run has no {branch} branch")
+                        raise BackboneError(f"model.init {cfg.model.init}: the fine-tuned run has no {branch} branch")
                     backbone = finetuned.backbones[branch]
                 else:
                     backbone = build_backbone(cfg.model, branch)[0]

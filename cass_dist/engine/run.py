@@ -3,17 +3,19 @@
 Every loop (pretraining, fine-tuning) makes one Run and carries it; nothing here is global. A run
 directory looks like::
 
-    <output_dir>/config.yaml        the resolved config
+    <output_dir>/config.yaml        the resolved config of the latest (successful) start
     <output_dir>/metrics.jsonl      one JSON record per logging step (always written)
     <output_dir>/checkpoints/step-XXXXXXX/
     <output_dir>/export/            backbones for downstream use
-    <output_dir>/wandb_id           the W&B run id, reused when the run resumes
+    <output_dir>/wandb_id           the W&B run id (WANDB_RUN_ID wins when set), reused when the run resumes
+
+A resume changes nothing in the run dir until the checkpoint has been checked and loaded.
 
 Typical use::
 
     run = Run(cfg.run, config=cfg)
     model, optimizer = run.accelerator.prepare(model, optimizer)
-    state = run.resume()                        # TrainState(); restored when --resume finds a checkpoint
+    state = run.resume(pretrain_fingerprint(cfg, manifest, run.accelerator.num_processes))
     while ...:
         ...
         run.log(state.global_step, {"loss": ...})
@@ -29,7 +31,6 @@ import logging
 import os
 import signal
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -37,15 +38,21 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from cass_dist.configs.base import RunSection, save_config, to_dict
+from cass_dist.configs.base import ConfigError, RunSection, save_config, to_dict
 from cass_dist.engine.checkpoint import (
+    FORCE_FILES,
     CheckpointError,
     TrainState,
     find_latest,
     load_checkpoint,
+    read_train_state,
     resolve_resume,
     save_checkpoint,
 )
+from cass_dist.engine.fingerprint import check_resume, config_changes, flatten, parse_force
+from cass_dist.engine.trackers import start_trackers, truncate_metrics
+from cass_dist.engine.trackers import wandb_offline_reason as _wandb_offline_reason  # noqa: F401 (tests)
+from cass_dist.errors import CassError
 from cass_dist.utils.deepspeed import deepspeed_requested
 
 log = logging.getLogger("cass_dist")
@@ -57,12 +64,12 @@ def choose_precision(requested: str = "auto") -> tuple[str, str]:
 
     ``auto`` picks bf16 on GPUs with native bf16 (compute capability >= 8.0), fp16 with loss scaling
     on 7.x (T4, V100), and fp32 on older GPUs and on CPU. An explicit request is returned as is.
-    Raises ValueError for an unknown request.
+    Raises ConfigError (a ValueError) for an unknown request.
     """
     if requested in ("bf16", "fp16", "fp32"):
         return requested, f"{requested} as requested"
     if requested != "auto":
-        raise ValueError(f"run.precision: must be auto, bf16, fp16 or fp32, got {requested!r}")
+        raise ConfigError(f"run.precision: must be auto, bf16, fp16 or fp32, got {requested!r}")
     if not torch.cuda.is_available():
         return "fp32", "fp32: no CUDA device"
     major, minor = torch.cuda.get_device_capability()
@@ -72,18 +79,6 @@ def choose_precision(requested: str = "auto") -> tuple[str, str]:
         return "fp16", (f"fp16 with dynamic loss scaling: GPU compute capability {major}.{minor} has no "
                         "native bf16 (T4/V100); non-finite steps are skipped by the scaler")
     return "fp32", f"fp32: GPU compute capability {major}.{minor} is too old for fast half precision"
-
-
-def _wandb_offline_reason() -> str | None:
-    """Why W&B must run offline (no credentials: wandb.init would prompt or wait), or None."""
-    if os.environ.get("WANDB_MODE"):
-        return None
-    if os.environ.get("WANDB_API_KEY"):
-        return None
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
-        return None
-    return "no W&B credentials (WANDB_API_KEY or ~/.netrc); logging offline, sync later with `wandb sync`"
 
 
 def _process_group_kwargs() -> list:
@@ -109,17 +104,25 @@ def launch_on_cpu_if_no_gpu() -> bool:
     return True
 
 
+class RunDirError(CassError, OSError):
+    """The run directory (``run.output_dir``) cannot be created or written."""
+
+
 class Run:
     """One training job: Accelerator, run dir, trackers, signal-triggered stops, checkpoints.
 
     ``config`` is the full (typed-dataclass) config saved to ``config.yaml``; ``cfg`` is its
-    RunSection. Creating a Run seeds every RNG, creates the directories (main process) and starts
-    the trackers. Raises CheckpointError when ``output_dir`` already holds checkpoints and ``resume``
-    is empty (two runs never mix), OSError when the run directory cannot be created.
+    RunSection. Creating a Run seeds every RNG and installs the signal handlers. A fresh run then
+    creates the directories, writes ``config.yaml`` and starts the trackers at once; a run with a
+    checkpoint to resume writes nothing until ``resume()`` has checked and loaded it, so a refused or
+    failed resume leaves the run dir as it was. Raises CheckpointError when ``output_dir`` already
+    holds checkpoints and ``resume`` is empty (two runs never mix) or ``resume`` names no checkpoint,
+    RunDirError when the run directory cannot be written.
     """
 
     def __init__(self, cfg: RunSection, *, config: Any = None, accelerator: Accelerator | None = None):
         self.cfg = cfg
+        self.config = config
         self.dir = Path(cfg.output_dir)
         self.checkpoints_dir = self.dir / "checkpoints"
         self.export_dir = self.dir / "export"
@@ -128,6 +131,7 @@ class Run:
             raise CheckpointError(f"run.output_dir: {self.dir} already holds checkpoints (newest "
                                   f"{find_latest(self.checkpoints_dir).name}); pass --resume auto to continue "
                                   f"that run, or choose another --output-dir")
+        self.resume_from = resolve_resume(cfg.resume, self.checkpoints_dir)
         self.precision, self.precision_reason = choose_precision(cfg.precision)
         self.accelerator = accelerator or Accelerator(
             mixed_precision={"fp32": "no"}.get(self.precision, self.precision),
@@ -138,18 +142,16 @@ class Run:
             kwargs_handlers=_process_group_kwargs(),
         )
         set_seed(cfg.seed)
-        if self.is_main:
-            for d in (self.dir, self.checkpoints_dir, self.export_dir):
-                d.mkdir(parents=True, exist_ok=True)
-            if config is not None:
-                save_config(config, self.dir / "config.yaml")
-        self.accelerator.wait_for_everyone()
         self.print(f"precision: {self.precision_reason}; {self.accelerator.num_processes} process(es) "
                    f"on {self.accelerator.device}")
         self._stop_signal: str | None = None
         self._old_handlers: dict[int, Any] = {}
+        self._fingerprint: dict[str, Any] = {}
+        self._tracker_floor = 0  # records at or below this step reached the trackers before: not sent again
+        self._started = False
         self._install_signal_handlers()
-        self._start_trackers(config)
+        if self.resume_from is None:
+            self._start(0)
 
     # ------------------------------------------------------------------ basics
     @property
@@ -161,56 +163,49 @@ class Run:
         if self.is_main:
             log.info(message)
 
-    # ------------------------------------------------------------------ trackers and metrics
-    def _start_trackers(self, config: Any) -> None:
-        if self.cfg.report_to == "none":
-            return
-        init_kwargs: dict[str, Any] = {}
-        if self.cfg.report_to == "wandb":
-            import wandb
+    def _flat_config(self) -> dict[str, Any]:
+        return flatten(to_dict(self.config)) if self.config is not None else {}
 
-            id_file = self.dir / "wandb_id"
-            if self.is_main and not id_file.is_file():
-                _write_text_atomic(id_file, uuid.uuid4().hex[:12])
-            self.accelerator.wait_for_everyone()
-            wandb_kwargs: dict[str, Any] = {
-                "id": id_file.read_text().strip(), "resume": "allow", "dir": str(self.dir),
-                "settings": wandb.Settings(init_timeout=60),
-            }
-            if self.cfg.run_name:
-                wandb_kwargs["name"] = self.cfg.run_name
-            offline = _wandb_offline_reason()
-            if offline:
-                self.print(offline)
-                wandb_kwargs["mode"] = "offline"
-            init_kwargs["wandb"] = wandb_kwargs
-        flat = _flatten(to_dict(config)) if config is not None else {}
-        try:
-            self.accelerator.init_trackers(self.cfg.project, config=flat, init_kwargs=init_kwargs)
-        except Exception as exc:  # a tracker must never kill or hang training: fall back to offline
-            if self.cfg.report_to != "wandb":
-                raise
-            self.print(f"W&B could not start online ({exc}); logging offline instead")
-            init_kwargs["wandb"]["mode"] = "offline"
-            self.accelerator.init_trackers(self.cfg.project, config=flat, init_kwargs=init_kwargs)
+    def _start(self, step: int) -> None:
+        """Create the run dir, write config.yaml, drop metrics after ``step``, start the trackers (all ranks)."""
+        if self.is_main:
+            try:
+                for d in (self.dir, self.checkpoints_dir, self.export_dir):
+                    d.mkdir(parents=True, exist_ok=True)
+                if self.config is not None:
+                    save_config(self.config, self.dir / "config.yaml")
+                self._tracker_floor = truncate_metrics(self.metrics_path, step)
+            except OSError as exc:
+                raise RunDirError(f"run.output_dir: cannot write the run directory {self.dir} ({exc})") from exc
+        self.accelerator.wait_for_everyone()
+        self._start_trackers()
+        self._started = True
+
+    # ------------------------------------------------------------------ trackers and metrics
+    def _start_trackers(self) -> None:
+        floor = start_trackers(self.accelerator, report_to=self.cfg.report_to, project=self.cfg.project,
+                               run_name=self.cfg.run_name, run_dir=self.dir,
+                               config=to_dict(self.config) if self.config is not None else {})
+        self._tracker_floor = max(self._tracker_floor, floor)
+        if self._tracker_floor > 0:
+            self.print(f"steps up to {self._tracker_floor} reached {self.cfg.report_to} before this start: "
+                       f"they are not sent again")
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        """Append one record to metrics.jsonl and send it to the trackers (main process only)."""
+        """Append one record to metrics.jsonl and send it to the trackers (main process only).
+
+        Records at or below a step the trackers already hold (logged before the checkpoint this run
+        resumed from) go to metrics.jsonl only: W&B refuses steps below its last one.
+        """
         if not self.is_main:
             return
+        if not self._started:
+            raise RuntimeError("Run.log before the run started: call run.resume() first")
         record = {"step": step, "time": round(time.time(), 3), **metrics}
         with open(self.metrics_path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
-        if self.cfg.report_to != "none":
+        if self.cfg.report_to != "none" and step > self._tracker_floor:
             self.accelerator.log(metrics, step=step)
-
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop records after ``step`` (written by a run that died after its last checkpoint)."""
-        if not self.is_main or not self.metrics_path.is_file():
-            return
-        lines = self.metrics_path.read_text().splitlines()
-        kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        _write_text_atomic(self.metrics_path, "".join(ln + "\n" for ln in kept))
 
     # ------------------------------------------------------------------ signals
     def _install_signal_handlers(self) -> None:
@@ -241,27 +236,51 @@ class Run:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, state: TrainState) -> Path:
-        """Checkpoint the prepared objects and ``state`` (call on every rank); return the directory."""
+        """Checkpoint the prepared objects and ``state`` (call on every rank); return the directory.
+
+        The checkpoint records this run's fingerprint and flat config, so a later resume can check them.
+        """
+        state.fingerprint, state.config = dict(self._fingerprint), self._flat_config()
         path = save_checkpoint(self.accelerator, self.checkpoints_dir, state, keep_last=self.cfg.keep_last)
         self.print(f"checkpoint: {path}")
         return path
 
-    def resume(self) -> TrainState:
+    def resume(self, fingerprint: dict[str, Any] | None = None) -> TrainState:
         """Restore the checkpoint named by ``run.resume`` (none: a fresh TrainState); return the TrainState.
 
-        Call after ``accelerator.prepare``. Raises CheckpointError for a bad ``--resume`` path.
+        Call on every rank after ``accelerator.prepare``. ``fingerprint`` (``engine/fingerprint.py``)
+        is what this run's checkpoints will record; a checkpoint whose fingerprint differs is refused
+        before anything is loaded or written, unless ``run.resume_force`` names the differing fields.
+        Config changes outside the fingerprint (schedule, logging) are logged. Only after a
+        successful load does the run dir change (config.yaml, metrics.jsonl, trackers).
+        Raises ResumeMismatchError (a ConfigError), CheckpointError (damaged or unloadable
+        checkpoint), ConfigError (unknown ``run.resume_force`` field).
         """
-        path = resolve_resume(self.cfg.resume, self.checkpoints_dir)
+        self._fingerprint = dict(fingerprint or {})
+        path = self.resume_from
         if path is None:
             if self.cfg.resume == "auto":
                 self.print("resume auto: no checkpoint yet, starting fresh")
-            self._truncate_metrics(0)  # records of an earlier attempt that never checkpointed
             return TrainState()
-        state = load_checkpoint(self.accelerator, path)
-        self._truncate_metrics(state.global_step)
+        saved = read_train_state(path)
+        force = parse_force(self.cfg.resume_force)
+        notes = []
+        if fingerprint is not None:
+            notes = check_resume(saved.fingerprint, self._fingerprint, force=force, origin=str(path),
+                                 batch_note=self._batch_note())
+        state = load_checkpoint(self.accelerator, path, force_files=FORCE_FILES in force)
+        self._start(state.global_step)
         self.print(f"resumed from {path} at step {state.global_step} (epoch {state.epoch}, "
                    f"batch {state.batch_in_epoch})")
+        changes = config_changes(saved.config, self._flat_config(), skip=self._fingerprint) if saved.config else []
+        for line in notes + [f"resume: {c} (changed since the checkpoint)" for c in changes]:
+            self.print(line)
         return state
+
+    def _batch_note(self) -> str:
+        batch = getattr(getattr(self.config, "data", None), "batch_size", "?")
+        return (f"data.batch_size x processes x run.grad_accum_steps, now {batch} x "
+                f"{self.accelerator.num_processes} x {self.cfg.grad_accum_steps}")
 
     def finish(self) -> None:
         """End the trackers and restore the previous signal handlers."""
@@ -269,22 +288,3 @@ class Run:
         for signum, handler in self._old_handlers.items():
             signal.signal(signum, handler)
         self._old_handlers.clear()
-
-
-def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and value:
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return out
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)

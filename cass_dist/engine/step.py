@@ -11,6 +11,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from cass_dist.configs.base import ConfigError
+
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> float:
     """Return the lr multiplier at ``step``: linear warmup to 1, then cosine down to ``min_ratio``.
@@ -27,12 +29,12 @@ def count_steps(batches_per_epoch: int, *, grad_accum_steps: int, max_steps: int
                 split: str) -> tuple[int, int]:
     """Return ``(total optimizer steps, steps per epoch)``: ``max_steps`` if set, else ``epochs`` epochs.
 
-    Raises ValueError naming ``data.batch_size`` when an epoch of ``split`` has fewer micro-batches
+    Raises ConfigError (a ValueError) naming ``data.batch_size`` when an epoch of ``split`` has fewer micro-batches
     per process than one accumulation window.
     """
     steps_per_epoch = batches_per_epoch // grad_accum_steps
     if steps_per_epoch < 1:
-        raise ValueError(f"data.batch_size: split {split!r} gives {batches_per_epoch} batches per process per "
+        raise ConfigError(f"data.batch_size: split {split!r} gives {batches_per_epoch} batches per process per "
                          f"epoch, fewer than run.grad_accum_steps={grad_accum_steps}")
     return max_steps or epochs * steps_per_epoch, steps_per_epoch
 

@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cass_dist.configs.base import ConfigError
+
 BRANCHES = ("cnn", "vit")
 
 
@@ -160,17 +162,17 @@ DEFAULT_OBJECTIVE = "vicreg"
 def build_objective(name: str, *, embed_dim: int, **kwargs: float) -> Objective:
     """Return the objective called ``name`` (one of ``OBJECTIVES``), built with its ``kwargs``.
 
-    Raises ValueError for an unknown name or a keyword that objective does not take.
+    Raises ConfigError (a ValueError) for an unknown name or a keyword that objective does not take.
     """
     if name not in OBJECTIVES:
-        raise ValueError(f"unknown objective {name!r}; expected one of {sorted(OBJECTIVES)}")
+        raise ConfigError(f"objective.name: unknown objective {name!r}; expected one of {sorted(OBJECTIVES)}")
     cls = OBJECTIVES[name]
     if cls is SimSiamObjective:
         kwargs = {"embed_dim": embed_dim, **kwargs}
     try:
         return cls(**kwargs)
     except TypeError as err:
-        raise ValueError(f"objective {name!r} does not take keywords {sorted(kwargs)}: {err}") from err
+        raise ConfigError(f"objective.kwargs: objective {name!r} does not take keywords {sorted(kwargs)}: {err}") from err
 
 
 def _check_pair(z_cnn: torch.Tensor, z_vit: torch.Tensor) -> None:

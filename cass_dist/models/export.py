@@ -78,7 +78,7 @@ def read_export_info(path: str | Path) -> dict[str, Any]:
         raise WeightsUnavailableError(f"no export at {path}: {json_path} is missing (export incomplete or never made)")
     info = json.loads(json_path.read_text())
     if info.get("format_version") != EXPORT_FORMAT_VERSION:
-        raise ValueError(f"{json_path}: export format_version {info.get('format_version')!r}, expected {EXPORT_FORMAT_VERSION}")
+        raise BackboneError(f"{json_path}: export format_version {info.get('format_version')!r}, expected {EXPORT_FORMAT_VERSION}")
     return info
 
 

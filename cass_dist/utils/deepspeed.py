@@ -10,6 +10,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from cass_dist.configs.base import ConfigError
 from cass_dist.errors import CassError
 
 INSTALL_HINT = 'pip install "cass-dist[deepspeed]"'
@@ -59,18 +60,18 @@ def load_deepspeed_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         config = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    except (OSError, ValueError) as exc:  # missing, unreadable, not JSON
+        raise ConfigError(f"{path}: cannot read the DeepSpeed config ({exc})") from exc
     if not isinstance(config, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
+        raise ConfigError(f"{path}: expected a JSON object, got {type(config).__name__}")
     for key in EXPLICIT_KEYS:
         value = config.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{path}: {key} must be an explicit positive integer (not 'auto': the "
+            raise ConfigError(f"{path}: {key} must be an explicit positive integer (not 'auto': the "
                              f"cass-dist loader is an IterableDataset), got {value!r}")
     stage = config.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
-        raise ValueError(f"{path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+        raise ConfigError(f"{path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
     return config
 
 
@@ -86,7 +87,7 @@ def check_deepspeed_matches(config: dict[str, Any], *, batch_size: int, grad_acc
              ("gradient_accumulation_steps", grad_accum_steps, "run.grad_accum_steps"))
     for key, expected, field in pairs:
         if config.get(key) != expected:
-            raise ValueError(f"{origin}: {key} is {config.get(key)!r} but {field} is {expected}; "
+            raise ConfigError(f"{origin}: {key} is {config.get(key)!r} but {field} is {expected}; "
                              f"make them equal (edit the JSON or pass the flag)")
 
 

@@ -100,3 +100,84 @@ def test_a_new_config_reuses_the_machinery():
     assert (cfg.head.dropout, cfg.run.max_steps) == (0.1, 4)
     with pytest.raises(ConfigError, match=r"head\.dropout: must be in \[0, 1\), got 2\.0"):
         parse_config(FinetuneConfig, ["--head.dropout", "2"], presets=presets)
+
+
+# ----------------------------------------------------------------------------- --help
+def _entry_parsers():
+    """Every entry script's parser (launch/pretrain.py, finetune.py, evaluate.py, cass-shards, cass-report)."""
+    import argparse
+
+    from cass_dist.configs import finetune as ft
+    from cass_dist.configs import pretrain as pt
+    from cass_dist.configs.base import build_parser
+    from cass_dist.data.__main__ import build_parser as shards_parser
+    from cass_dist.report import build_parser as report_parser
+
+    parsers = {
+        "launch/pretrain.py": build_parser(pt.PretrainConfig, pt.ALIASES, pt.PRESETS),
+        "launch/finetune.py": build_parser(ft.FinetuneConfig, ft.FINETUNE_ALIASES, ft.FINETUNE_PRESETS),
+        "launch/evaluate.py": build_parser(ft.EvaluateConfig, ft.EVALUATE_ALIASES, ft.EVALUATE_PRESETS),
+        "cass-report": report_parser(),
+    }
+    shards = shards_parser()
+    parsers["cass-shards"] = shards
+    for action in shards._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            parsers.update({f"cass-shards {name}": sub for name, sub in action.choices.items()})
+    return parsers
+
+
+def test_every_flag_of_every_entry_script_says_what_it_means():
+    import argparse
+
+    for script, parser in _entry_parsers().items():
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            name = action.option_strings[0] if action.option_strings else action.dest
+            meaning = (action.help or "").split("[")[0].strip()  # what precedes "[type; default ...]"
+            assert meaning and meaning != action.dest, f"{script} {name}: no meaning in --help"
+            if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+                shown = parser.formatter_class(prog=script)._get_help_string(action)  # as --help prints it
+                assert "default" in shown, f"{script} {name}: --help does not show the default"
+        parser.format_help()  # every help string formats (a stray % would raise here)
+
+
+def test_config_flags_read_their_meaning_type_and_default_from_the_source():
+    from cass_dist.configs.base import build_parser, field_meanings
+    from cass_dist.configs.finetune import EvaluateConfig, FinetuneConfig
+    from cass_dist.configs.pretrain import ALIASES
+
+    for cls in (PretrainConfig, FinetuneConfig, EvaluateConfig):
+        assert [name for name, text in field_meanings(cls).items() if not text] == [], cls.__name__
+    helps = {a.dest: a.help for a in build_parser(PretrainConfig, ALIASES, PRESETS)._actions}
+    assert helps["set:data.shards"] == 'directory holding manifest.json (made by cass-shards) [string; default ""]'
+    assert helps["set:data.batch_size"] == "per process [int; default 32]"
+    assert helps["set:run.precision"].endswith("[one of auto|bf16|fp16|fp32; default \"auto\"]")
+    assert helps["set:model.vit_patch_size"].endswith("[int or null; default null]")
+    assert helps["set:optim.betas"].endswith("default [0.9, 0.999]]")
+    assert helps["set:data.views"].startswith("2: each branch gets its own augmentation")  # a comment block above
+    assert "resume may change" in helps["set:run.resume_force"]
+
+
+def test_a_field_without_a_comment_still_shows_type_and_default():
+    from cass_dist.configs.base import build_parser
+
+    @dataclass
+    class Section:
+        plain: int = 3
+        noted: float = 0.5  # 50% of it
+
+    @dataclass
+    class Config:
+        sec: Section = field(default_factory=Section)
+
+    helps = {a.dest: a.help for a in build_parser(Config, {}, {})._actions}
+    assert helps["set:sec.plain"] == "[int; default 3]"
+    assert helps["set:sec.noted"] == "50%% of it [number; default 0.5]"  # argparse formats help with %
+    assert "50% of it" in build_parser(Config, {}, {}).format_help()
+
+
+def test_resume_force_is_a_flag():
+    cfg = parse_pretrain_config(["--preset", "demo", "--resume", "auto", "--resume-force", "global_batch,data.views"])
+    assert cfg.run.resume_force == "global_batch,data.views"
