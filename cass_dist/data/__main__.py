@@ -3,6 +3,7 @@
     cass-shards synthetic --out shards/demo
     cass-shards medmnist breastmnist --root ../shared/data/breastmnist --out shards/breast
     cass-shards folder ../shared/data/brain_tumor_mri --resize 256 --format jpg --dedupe --out shards/mri
+    cass-shards folder ../shared/data/brain_tumor_mri --resize 224x224 --format jpg --out shards/mri224
     cass-shards csv labels.csv --image-col image_path --label-col dx --out shards/ham
     cass-shards verify shards/mri
 """
@@ -21,10 +22,13 @@ from cass_dist.data.writer import WriteOptions, write_shards
 
 def _common(parser: argparse.ArgumentParser, shard_size: int = 1000) -> None:
     parser.add_argument("--out", required=True, help="output directory for the shards and manifest.json")
-    parser.add_argument("--format", choices=("png", "jpg"), default="png", help="png (lossless) or jpg")
+    parser.add_argument("--format", choices=("png", "jpg", "npy"), default="png",
+                        help="png (lossless), jpg, or npy (raw uint8: no decoding, H x W x C bytes per image)")
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality (1-100)")
     parser.add_argument("--mode", choices=("RGB", "L"), default="RGB", help="stored colour mode")
-    parser.add_argument("--resize", type=int, default=None, help="resize so the short side has this many pixels")
+    parser.add_argument("--resize", type=_resize, default=None,
+                        help="N: the short side becomes N pixels; HxW (e.g. 224x224): exactly the training size, "
+                             "so the loader's workers skip their resize")
     parser.add_argument("--shard-size", type=int, default=shard_size, help="samples per tar shard")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split and of the in-split shuffle")
     parser.add_argument("--workers", type=int, default=None, help="conversion processes (default: every core)")
@@ -74,6 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="same as DIR")
     p.add_argument("--no-decode", action="store_true", help="skip decoding the images")
     return parser
+
+
+def _resize(text: str) -> int | list[int]:
+    """``--resize`` value: a short side ("256") or an exact size ("224x224")."""
+    try:
+        parts = [int(v) for v in text.lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2) or min(parts, default=0) < 1:
+        raise argparse.ArgumentTypeError(f"expected a short side N or HxW with positive integers, got {text!r}")
+    return parts[0] if len(parts) == 1 else parts
 
 
 def _names(text: str | None) -> list[str] | None:

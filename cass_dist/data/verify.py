@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -10,9 +9,10 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
-from cass_dist.data.manifest import Manifest, ManifestError, load_manifest
+from cass_dist.data.manifest import Manifest, ManifestError, load_manifest, sha256_of
 from cass_dist.data.splits import class_counts
 from cass_dist.data.writer import SHARD_PATTERN
 
@@ -44,7 +44,7 @@ def verify_shards(shard_dir: str | os.PathLike, *, decode: bool = True) -> list[
             size = path.stat().st_size
             if size != shard.bytes:
                 problems.append(f"{path}: {size} bytes, manifest says {shard.bytes}")
-            if _sha256(path) != shard.sha256:
+            if sha256_of(path) != shard.sha256:
                 problems.append(f"{path}: sha256 differs from the manifest")
             found = _check_tar(path, manifest, decode, problems)
             if len(found) != shard.count:
@@ -56,14 +56,6 @@ def verify_shards(shard_dir: str | os.PathLike, *, decode: bool = True) -> list[
         if SHARD_PATTERN.match(path.name) and path.name not in listed:
             problems.append(f"{path}: shard not listed in the manifest")
     return problems
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _check_tar(path: Path, manifest: Manifest, decode: bool, problems: list[str]) -> list[tuple[str, object]]:
@@ -96,16 +88,26 @@ def _check_tar(path: Path, manifest: Manifest, decode: bool, problems: list[str]
             continue
         if decode:
             try:
-                with Image.open(io.BytesIO(parts[image_ext])) as image:
-                    image.load()
-                    mode = image.mode
-            except Exception as exc:  # PIL raises many types for bad data
+                mode = _decoded_mode(parts[image_ext], image_ext)
+            except Exception as exc:  # decoders raise many types for bad data
                 problems.append(f"{where}: image does not decode ({type(exc).__name__}: {exc})")
                 continue
             if mode != manifest.image.mode:
                 problems.append(f"{where}: image mode {mode}, manifest says {manifest.image.mode}")
         found.append((key, label))
     return found
+
+
+def _decoded_mode(data: bytes, image_ext: str) -> str:
+    """Decode an image fully and return its mode ("RGB", "L", ...); raises for undecodable data."""
+    if image_ext == "npy":
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+        if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] != 3):
+            raise ValueError(f"raw image of dtype {array.dtype} and shape {array.shape} is not uint8 L or RGB")
+        return "L" if array.ndim == 2 else "RGB"
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        return image.mode
 
 
 def _label_ok(label, manifest: Manifest) -> bool:
@@ -131,6 +133,9 @@ def _check_split(root: Path, name: str, split, keys: list, labels: list, manifes
         index = json.loads(index_path.read_text())
     except (OSError, ValueError) as exc:
         problems.append(f"{index_path}: unreadable ({exc})")
+        return
+    if not isinstance(index, dict):
+        problems.append(f"{index_path}: expected a JSON object with 'keys' and 'labels', got {type(index).__name__}")
         return
     if index.get("keys") != keys or index.get("labels") != labels:
         problems.append(f"{index_path}: keys/labels differ from the shards' (in shard order)")
