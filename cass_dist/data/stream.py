@@ -328,6 +328,11 @@ def build_loader(shards_dir: str | os.PathLike, split: str, *, batch_size: int, 
                        **loader_args)
 
 
+def data_position(loader, consumed: int) -> dict:
+    """``loader.position(consumed)`` for loaders that have one (ShardLoader), else {} (resume by batch count)."""
+    return loader.position(consumed) if hasattr(loader, "position") else {}
+
+
 def sum_across_ranks(count: int, accelerator=None) -> int:
     """Return ``count`` summed over all processes of ``accelerator`` (itself when None or single-process)."""
     if accelerator is None or accelerator.num_processes == 1:
