@@ -5,6 +5,7 @@
     cass-shards folder ../shared/data/brain_tumor_mri --resize 256 --format jpg --dedupe --out shards/mri
     cass-shards folder ../shared/data/brain_tumor_mri --resize 224x224 --format jpg --out shards/mri224
     cass-shards csv labels.csv --image-col image_path --label-col dx --out shards/ham
+    cass-shards adopt my_webdataset --split train='train-*.tar' --split val='val-*.tar' --classes a,b
     cass-shards verify shards/mri
 """
 
@@ -73,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=6)
     _common(p, shard_size=500)
 
+    p = sub.add_parser("adopt", help="describe existing WebDataset shards: write their indexes and manifest.json")
+    p.add_argument("dir", help="directory holding the tars (they are read, never changed)")
+    p.add_argument("--split", action="append", required=True, metavar="NAME=GLOB",
+                   help="a split and the tars that hold it, e.g. train='train-*.tar' (repeat per split)")
+    p.add_argument("--classes", required=True, help="class names in id order: a,b,c or a JSON list")
+    p.add_argument("--task", choices=("multi-class", "binary", "multi-label"), default="multi-class")
+    p.add_argument("--mode", choices=("RGB", "L"), default="RGB", help="colour mode the images are read in")
+
     p = sub.add_parser("verify", help="re-read every shard and check it against the manifest")
     p.add_argument("dir", nargs="?", help="shard directory (or give --out)")
     p.add_argument("--out", default=None, help="same as DIR")
@@ -139,6 +148,22 @@ def _convert(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def _adopt(args: argparse.Namespace) -> int:
+    from cass_dist.data.adopt import adopt_shards, parse_class_names
+
+    splits = {}
+    for item in args.split:
+        name, sep, pattern = item.partition("=")
+        if not sep or not name or not pattern:
+            raise ValueError(f"--split: expected NAME=GLOB, got {item!r}")
+        splits[name] = pattern
+    manifest = adopt_shards(args.dir, splits, class_names=parse_class_names(args.classes), task=args.task,
+                            mode=args.mode)
+    counts = ", ".join(f"{name} {split.count}" for name, split in manifest.splits.items())
+    print(f"{args.dir}: described {counts} samples ({manifest.image.format}); wrote manifest.json")
+    return 0
+
+
 def _verify(args: argparse.Namespace) -> int:
     from cass_dist.data.verify import verify_shards
 
@@ -163,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse has printed the usage error (or --help)
         return int(exc.code or 0)
     try:
-        return _verify(args) if args.command == "verify" else _convert(args, argv)
+        if args.command in ("verify", "adopt"):
+            return _verify(args) if args.command == "verify" else _adopt(args)
+        return _convert(args, argv)
     except (SourceError, ImageError, ManifestError, ValueError, OSError) as exc:
         print(f"cass-shards: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from webdataset.tariterators import base_plus_ext
 
 from cass_dist.data.manifest import Manifest, ManifestError, load_manifest, sha256_of
 from cass_dist.data.splits import class_counts
@@ -66,21 +67,26 @@ def _check_tar(path: Path, manifest: Manifest, decode: bool, problems: list[str]
             for info in tar:
                 if not info.isfile():
                     continue
-                key, _, ext = info.name.partition(".")
-                members.setdefault(key, {})[ext] = tar.extractfile(info).read()
+                key, ext = base_plus_ext(info.name)  # webdataset's own rule for keys
+                if key is not None:
+                    members.setdefault(key, {})[ext.lower()] = tar.extractfile(info).read()
     except (tarfile.TarError, OSError, EOFError) as exc:
         problems.append(f"{path}: unreadable tar ({type(exc).__name__}: {exc})")
     image_ext = manifest.image.format
+    adopted = manifest.source.get("type") == "webdataset"  # foreign shards: extra members, modes read as asked
     found = []
     for key, parts in members.items():
         where = f"{path}:{key}"
-        if set(parts) != {image_ext, "json"}:
-            problems.append(f"{where}: holds {sorted(parts)}, expected {sorted([image_ext, 'json'])}")
+        images = [e for e in parts if e == image_ext or (image_ext == "jpg" and e == "jpeg")]
+        labels = [e for e in ("json", "cls") if e in parts]
+        if len(images) != 1 or not labels or (not adopted and set(parts) != {image_ext, "json"}):
+            expected = f"one .{image_ext} image and a .json label" + (" (or .cls)" if adopted else "")
+            problems.append(f"{where}: holds {sorted(parts)}, expected {expected}")
             continue
         try:
-            label = json.loads(parts["json"])["label"]
+            label = json.loads(parts["json"])["label"] if "json" in parts else int(parts["cls"])
         except (ValueError, KeyError, TypeError) as exc:
-            problems.append(f"{where}: bad json ({exc})")
+            problems.append(f"{where}: bad label ({exc})")
             continue
         if not _label_ok(label, manifest):
             problems.append(f"{where}: label {label!r} is not valid for a {manifest.task} task "
@@ -88,11 +94,11 @@ def _check_tar(path: Path, manifest: Manifest, decode: bool, problems: list[str]
             continue
         if decode:
             try:
-                mode = _decoded_mode(parts[image_ext], image_ext)
+                mode = _decoded_mode(parts[images[0]], image_ext)
             except Exception as exc:  # decoders raise many types for bad data
                 problems.append(f"{where}: image does not decode ({type(exc).__name__}: {exc})")
                 continue
-            if mode != manifest.image.mode:
+            if mode != manifest.image.mode and not adopted:
                 problems.append(f"{where}: image mode {mode}, manifest says {manifest.image.mode}")
         found.append((key, label))
     return found
