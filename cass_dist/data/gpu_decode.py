@@ -16,6 +16,7 @@ with ``cass-shards verify`` or ``--data.verify_shards``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import simplejpeg
@@ -85,7 +86,9 @@ class EncodedImages:
         parts = [self.data[a:b] for a, b in zip(self.offsets[:-1], self.offsets[1:])]
         mode = ImageReadMode.RGB if self.mode == "RGB" else ImageReadMode.GRAY
         try:
-            images = decode_jpeg(parts, mode=mode, device=device) if parts else []
+            with warnings.catch_warnings():  # torchvision 0.29's deprecation notice, once per batch otherwise
+                warnings.simplefilter("ignore", DeprecationWarning)
+                images = decode_jpeg(parts, mode=mode, device=device) if parts else []
         except RuntimeError as exc:
             raise GPUDecodeError(f"JPEG decode on {device} failed for a batch holding {self.keys[:8]}... "
                                  f"({exc}); check the shards with `cass-shards verify`") from exc
