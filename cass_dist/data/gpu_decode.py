@@ -24,8 +24,10 @@ import torch
 import torch.nn.functional as torch_f
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from cass_dist.errors import CassError
 
-class GPUDecodeError(RuntimeError):
+
+class GPUDecodeError(CassError, RuntimeError):
     """nvJPEG (or libjpeg on CPU) could not decode a batch; the message names its keys."""
 
 

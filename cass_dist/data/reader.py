@@ -31,6 +31,7 @@ from torch.utils.data import IterableDataset, default_collate, get_worker_info
 from webdataset import tariterators
 
 from cass_dist.data.gpu_decode import EncodedImages, check_jpeg
+from cass_dist.data.health import CorruptDataError
 from cass_dist.data.position import EpochPlan, Layout, Segment, plan_epoch, shuffle_buffer, slot_rng
 from cass_dist.data.sharding import ShardTask, SplitIndex
 from cass_dist.data.transforms import load_image
@@ -188,8 +189,8 @@ class ShardStream(IterableDataset):
                 produced = True
                 yield sample
             if not produced:
-                raise RuntimeError(f"no readable sample in {sorted({t.path for t in tasks})}: every wanted "
-                                   f"sample of this worker's shards is corrupted or missing")
+                raise CorruptDataError(f"no readable sample in {sorted({t.path for t in tasks})}: every wanted "
+                                       f"sample of this worker's shards is corrupted or missing")
             rng.shuffle(order)
 
     def _load(self, sample: RawSample):

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader
 
 from cass_dist.data.augment import KINDS, BatchAugment, manifest_transform
 from cass_dist.data.gpu_decode import EncodedImages
+from cass_dist.data.health import CorruptDataError
 from cass_dist.data.manifest import Manifest, load_manifest
 from cass_dist.data.position import EpochPlan, Layout, parse_position
 from cass_dist.data.reader import ShardStream
@@ -186,7 +187,7 @@ class ShardLoader:
         for i in range(count):
             batch = next(batches, None)
             if batch is None:
-                raise RuntimeError(f"{self.shards_dir}: the training stream ended after {i} of {count} batches")
+                raise CorruptDataError(f"{self.shards_dir}: the training stream ended after {i} of {count} batches")
             if self._persistent:
                 self._stream_left -= 1
             self._count(batch)
