@@ -14,8 +14,8 @@ from PIL import Image
 from webdataset.tariterators import base_plus_ext
 
 from cass_dist.data.manifest import Manifest, ManifestError, load_manifest, sha256_of
+from cass_dist.data.output import SHARD_PATTERN
 from cass_dist.data.splits import class_counts
-from cass_dist.data.writer import SHARD_PATTERN
 
 
 def verify_shards(shard_dir: str | os.PathLike, *, decode: bool = True) -> list[str]:

@@ -203,10 +203,10 @@ def test_verify_without_manifest(tmp_path):
 
 def _write_and_die(data, out, stage, exchange):
     """Child process: overwrite ``out`` and die like a SIGKILL (no cleanup) when the writer reaches ``stage``."""
-    from cass_dist.data import writer
+    from cass_dist.data import output, writer
 
     if not exchange:
-        writer._exchange = lambda a, b: False  # the two-rename path (file systems without RENAME_EXCHANGE)
+        output._exchange = lambda a, b: False  # the two-rename path (file systems without RENAME_EXCHANGE)
 
     def hook(name):
         if name == stage:
