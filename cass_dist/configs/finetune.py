@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from cass_dist.configs.base import RUN_ALIASES, FieldError, RunSection, parse_config
+from cass_dist.configs.pretrain import check_loader_fields
 from cass_dist.metrics import SCALAR_METRICS
 
 BUILTIN_INITS = ("random", "imagenet")
@@ -30,7 +31,15 @@ class DownstreamDataSection:
     test_split: str = "test"  # split scored at the end
     batch_size: int = 32  # per process
     eval_batch_size: int = 0  # 0 = batch_size
-    num_workers: int = 0  # data-loading processes per training process (0: load in the main process)
+    # loader processes per training process; auto: min(8, cores per process - 1) on a GPU, 0 on a CPU
+    # with fewer than 8 cores per process (docs/data.md)
+    num_workers: int | Literal["auto"] = "auto"
+    prefetch_factor: int = 2  # batches each loader worker keeps ready
+    persistent_workers: bool = True  # one set of workers for every epoch and evaluation (no restarts)
+    shuffle_buffer: int = 1000  # undecoded samples each worker shuffles through
+    decode: Literal["cpu", "gpu"] = "cpu"  # gpu: workers ship JPEG bytes, nvJPEG decodes them on the training GPU
+    max_skipped_fraction: float = 0.01  # stop when an epoch skips more than this share as corrupted
+    verify_shards: bool = False  # check every shard's sha256 against the manifest before training
     image_size: int = 0  # 0 = the manifest's image size
     label_fraction: float = 1.0  # stratified share of the training labels used
     fraction_seed: int = 0  # which stratified subset; fixed across seeds so runs compare on the same labels
@@ -45,9 +54,10 @@ class DownstreamDataSection:
         for name in ("batch_size",):
             if getattr(self, name) < 1:
                 raise FieldError(name, "must be >= 1", getattr(self, name))
-        for name in ("eval_batch_size", "num_workers", "image_size"):
+        for name in ("eval_batch_size", "image_size"):
             if getattr(self, name) < 0:
                 raise FieldError(name, "must be >= 0", getattr(self, name))
+        check_loader_fields(self)
 
     @property
     def eval_batch(self) -> int:

@@ -30,7 +30,15 @@ class DataSection:
     train_split: str = "train"  # split the model trains on
     val_split: str = "val"  # used by the periodic kNN when the shard set has labels
     batch_size: int = 32  # per process
-    num_workers: int = 0  # data-loading processes per training process (0: load in the main process)
+    # loader processes per training process; auto: min(8, cores per process - 1) on a GPU, 0 on a CPU
+    # with fewer than 8 cores per process (docs/data.md)
+    num_workers: int | Literal["auto"] = "auto"
+    prefetch_factor: int = 2  # batches each loader worker keeps ready
+    persistent_workers: bool = True  # one set of workers for every epoch and evaluation (no restarts)
+    shuffle_buffer: int = 1000  # undecoded samples each worker shuffles through
+    decode: Literal["cpu", "gpu"] = "cpu"  # gpu: workers ship JPEG bytes, nvJPEG decodes them on the training GPU
+    max_skipped_fraction: float = 0.01  # stop when an epoch skips more than this share as corrupted
+    verify_shards: bool = False  # check every shard's sha256 against the manifest before training
     image_size: int = 224  # pixels, square: images are resized/cropped to this
     transform: Literal["pretrain", "ssl", "eval"] = "pretrain"  # the paper's; crops, jitter, blur; none
     # 2: each branch gets its own augmentation of the image, so agreeing means ignoring what the
@@ -43,10 +51,20 @@ class DataSection:
             raise FieldError("shards", "required: a shard directory made by cass-shards (--data DIR)")
         if self.batch_size < 1:
             raise FieldError("batch_size", "must be >= 1", self.batch_size)
-        if self.num_workers < 0:
-            raise FieldError("num_workers", "must be >= 0", self.num_workers)
+        check_loader_fields(self)
         if self.image_size < 8:
             raise FieldError("image_size", "must be >= 8", self.image_size)
+
+
+def check_loader_fields(data) -> None:
+    """The loader fields DataSection and DownstreamDataSection share; raise FieldError naming the field."""
+    if data.num_workers != "auto" and data.num_workers < 0:
+        raise FieldError("num_workers", "must be >= 0 or auto", data.num_workers)
+    for name in ("prefetch_factor", "shuffle_buffer"):
+        if getattr(data, name) < 1:
+            raise FieldError(name, "must be >= 1", getattr(data, name))
+    if not 0 <= data.max_skipped_fraction <= 1:
+        raise FieldError("max_skipped_fraction", "must be in [0, 1]", data.max_skipped_fraction)
 
 
 @dataclass

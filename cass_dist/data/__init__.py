@@ -6,8 +6,9 @@ is imported lazily: the ``cass-shards`` CLI and its worker processes never need 
 
 from cass_dist.data.manifest import Manifest, ManifestError, load_manifest
 
-__all__ = ["Manifest", "ManifestError", "ShardLoader", "build_loader", "load_manifest", "sum_across_ranks"]
-_STREAM_NAMES = ("ShardLoader", "build_loader", "sum_across_ranks")
+__all__ = ["Manifest", "ManifestError", "ShardLoader", "build_loader", "data_position", "load_manifest",
+           "sum_across_ranks"]
+_STREAM_NAMES = ("ShardLoader", "build_loader", "data_position", "sum_across_ranks")
 
 
 def __getattr__(name: str):

@@ -3,7 +3,9 @@
     cass-shards synthetic --out shards/demo
     cass-shards medmnist breastmnist --root ../shared/data/breastmnist --out shards/breast
     cass-shards folder ../shared/data/brain_tumor_mri --resize 256 --format jpg --dedupe --out shards/mri
+    cass-shards folder ../shared/data/brain_tumor_mri --resize 224x224 --format jpg --out shards/mri224
     cass-shards csv labels.csv --image-col image_path --label-col dx --out shards/ham
+    cass-shards adopt my_webdataset --split train='train-*.tar' --split val='val-*.tar' --classes a,b
     cass-shards verify shards/mri
 """
 
@@ -23,10 +25,13 @@ SHOW_DEFAULTS = argparse.ArgumentDefaultsHelpFormatter  # every option's --help 
 
 def _common(parser: argparse.ArgumentParser, shard_size: int = 1000) -> None:
     parser.add_argument("--out", required=True, help="output directory for the shards and manifest.json")
-    parser.add_argument("--format", choices=("png", "jpg"), default="png", help="png (lossless) or jpg")
+    parser.add_argument("--format", choices=("png", "jpg", "npy"), default="png",
+                        help="png (lossless), jpg, or npy (raw uint8: no decoding, H x W x C bytes per image)")
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality (1-100)")
     parser.add_argument("--mode", choices=("RGB", "L"), default="RGB", help="stored colour mode")
-    parser.add_argument("--resize", type=int, default=None, help="resize so the short side has this many pixels")
+    parser.add_argument("--resize", type=_resize, default=None,
+                        help="N: the short side becomes N pixels; HxW (e.g. 224x224): exactly the training size, "
+                             "so the loader's workers skip their resize")
     parser.add_argument("--shard-size", type=int, default=shard_size, help="samples per tar shard")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split and of the in-split shuffle")
     parser.add_argument("--workers", type=int, default=None, help="conversion processes (default: every core)")
@@ -72,11 +77,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=6, help="learnable pattern classes")
     _common(p, shard_size=500)
 
+    p = sub.add_parser("adopt", formatter_class=SHOW_DEFAULTS, help="describe existing WebDataset shards: write their indexes and manifest.json")
+    p.add_argument("dir", help="directory holding the tars (they are read, never changed)")
+    p.add_argument("--split", action="append", required=True, metavar="NAME=GLOB",
+                   help="a split and the tars that hold it, e.g. train='train-*.tar' (repeat per split)")
+    p.add_argument("--classes", required=True, help="class names in id order: a,b,c or a JSON list")
+    p.add_argument("--task", choices=("multi-class", "binary", "multi-label"), default="multi-class")
+    p.add_argument("--mode", choices=("RGB", "L"), default="RGB", help="colour mode the images are read in")
+
     p = sub.add_parser("verify", formatter_class=SHOW_DEFAULTS, help="re-read every shard and check it against the manifest")
     p.add_argument("dir", nargs="?", help="shard directory (or give --out)")
     p.add_argument("--out", default=None, help="same as DIR")
     p.add_argument("--no-decode", action="store_true", help="skip decoding the images")
     return parser
+
+
+def _resize(text: str) -> int | list[int]:
+    """``--resize`` value: a short side ("256") or an exact size ("224x224")."""
+    try:
+        parts = [int(v) for v in text.lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2) or min(parts, default=0) < 1:
+        raise argparse.ArgumentTypeError(f"expected a short side N or HxW with positive integers, got {text!r}")
+    return parts[0] if len(parts) == 1 else parts
 
 
 def _names(text: str | None) -> list[str] | None:
@@ -127,6 +151,22 @@ def _convert(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def _adopt(args: argparse.Namespace) -> int:
+    from cass_dist.data.adopt import adopt_shards, parse_class_names
+
+    splits = {}
+    for item in args.split:
+        name, sep, pattern = item.partition("=")
+        if not sep or not name or not pattern:
+            raise ValueError(f"--split: expected NAME=GLOB, got {item!r}")
+        splits[name] = pattern
+    manifest = adopt_shards(args.dir, splits, class_names=parse_class_names(args.classes), task=args.task,
+                            mode=args.mode)
+    counts = ", ".join(f"{name} {split.count}" for name, split in manifest.splits.items())
+    print(f"{args.dir}: described {counts} samples ({manifest.image.format}); wrote manifest.json")
+    return 0
+
+
 def _verify(args: argparse.Namespace) -> int:
     from cass_dist.data.verify import verify_shards
 
@@ -151,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse has printed the usage error (or --help)
         return int(exc.code or 0)
     try:
-        return _verify(args) if args.command == "verify" else _convert(args, argv)
+        if args.command in ("verify", "adopt"):
+            return _verify(args) if args.command == "verify" else _adopt(args)
+        return _convert(args, argv)
     except (SourceError, ImageError, ManifestError, ValueError, OSError) as exc:
         print(f"cass-shards: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2

@@ -1,4 +1,10 @@
-"""Image normalisation for the shards: any PIL-readable input -> 8-bit RGB or L, optional resize, encoded bytes."""
+"""Image normalisation for the shards: any PIL-readable input -> 8-bit RGB or L, optional resize, encoded bytes.
+
+Storage costs, measured on the brain MRI folder (docs/data.md): JPEG q95 at the source size is the
+smallest and decodes at a reduced DCT scale; JPEG at the training size (``resize`` [224, 224]) needs
+no resize in the workers; ``npy`` needs no decoding at all but takes H x W x C bytes per image, which
+suits small images (MedMNIST's 28-128 px) far better than 224 px ones.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ from PIL import Image
 from cass_dist.errors import CassError
 
 MODES = ("RGB", "L")
-FORMATS = ("png", "jpg")
+FORMATS = ("png", "jpg", "npy")  # npy: raw uint8 pixels, no decoding cost, no compression
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".ppm", ".pgm")
 
 
@@ -25,9 +31,11 @@ class ImageOptions:
     """How images are stored in the shards."""
 
     mode: str = "RGB"  # "RGB" or "L"
-    format: str = "png"  # "png" (lossless) or "jpg"
+    format: str = "png"  # "png" (lossless), "jpg" or "npy" (raw uint8)
     quality: int = 95  # JPEG quality, 1-95
-    resize: int | None = None  # short side in pixels; None keeps the source size
+    # int: the short side in pixels (aspect kept); [height, width]: exactly that size (the training
+    # size, so workers skip the resize); None keeps the source size
+    resize: int | list[int] | None = None
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field."""
@@ -37,7 +45,10 @@ class ImageOptions:
             raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
         if not 1 <= int(self.quality) <= 100:
             raise ValueError(f"quality must be in 1..100, got {self.quality!r}")
-        if self.resize is not None and int(self.resize) < 1:
+        if isinstance(self.resize, (list, tuple)):
+            if len(self.resize) != 2 or not all(isinstance(v, int) and v >= 1 for v in self.resize):
+                raise ValueError(f"resize must be a short side or [height, width] of positive ints, got {self.resize!r}")
+        elif self.resize is not None and int(self.resize) < 1:
             raise ValueError(f"resize must be a positive short-side length, got {self.resize!r}")
 
 
@@ -74,11 +85,21 @@ def resize_short_side(image: Image.Image, short: int) -> Image.Image:
     return image if size == (w, h) else image.resize(size, Image.BICUBIC, reducing_gap=3.0)
 
 
+def resize_to(image: Image.Image, resize: int | list[int]) -> Image.Image:
+    """Return ``image`` resized to a short side (int) or exactly to [height, width] (bicubic, antialiased)."""
+    if isinstance(resize, (list, tuple)):
+        size = (int(resize[1]), int(resize[0]))
+        return image if image.size == size else image.resize(size, Image.BICUBIC, reducing_gap=3.0)
+    return resize_short_side(image, int(resize))
+
+
 def encode(image: Image.Image, fmt: str, quality: int = 95) -> bytes:
-    """Return the PNG or JPEG bytes of ``image``."""
+    """Return the PNG, JPEG or ``.npy`` (raw uint8 HxW or HxWx3) bytes of ``image``."""
     buf = io.BytesIO()
     if fmt == "png":
         image.save(buf, format="PNG", compress_level=1)  # fast; the shards are not an archive format
+    elif fmt == "npy":
+        np.save(buf, np.asarray(image), allow_pickle=False)
     else:
         image.save(buf, format="JPEG", quality=int(quality))
     return buf.getvalue()
@@ -120,11 +141,12 @@ def convert(data: bytes | np.ndarray, options: ImageOptions, name: str = "image"
         image = _open_lazy(data, name)
         if options.resize is not None and image.format == "JPEG":
             # Decode JPEGs at a reduced scale when we shrink them anyway: much faster, same quality.
-            image.draft(options.mode, (options.resize, options.resize))
+            wanted = options.resize if isinstance(options.resize, (list, tuple)) else (options.resize,) * 2
+            image.draft(options.mode, (int(wanted[1]), int(wanted[0])))
         # A file already in the stored format and mode is kept byte for byte: no re-encoding cost and
         # no second JPEG generation loss. It is still decoded, for the check and the statistics.
         passthrough = (options.resize is None and image.mode == options.mode
-                       and image.format == {"png": "PNG", "jpg": "JPEG"}[options.format])
+                       and image.format == {"png": "PNG", "jpg": "JPEG"}.get(options.format))
         try:
             image.load()
         except Exception as exc:
@@ -134,7 +156,7 @@ def convert(data: bytes | np.ndarray, options: ImageOptions, name: str = "image"
     if not passthrough:
         image = to_8bit(image, options.mode)
         if options.resize is not None:
-            image = resize_short_side(image, int(options.resize))
+            image = resize_to(image, options.resize)
     # Channel sums from PIL's C histogram: exact, and much faster than numpy reductions over (N, C).
     counts = np.asarray(image.histogram(), dtype=np.float64).reshape(-1, 256)
     levels = np.arange(256) / 255.0

@@ -8,7 +8,8 @@ A shard directory looks like::
 
 Each tar sample (WebDataset layout, one ``__key__`` per sample) holds:
 
-- ``<key>.png`` or ``<key>.jpg``: the image, 8-bit RGB or L;
+- ``<key>.png``, ``<key>.jpg`` or ``<key>.npy`` (raw uint8 HxW or HxWx3, ``--format raw``): the image,
+  8-bit RGB or L;
 - ``<key>.json``: ``{"label": int | [0/1, ...], "source": "<original relative path>"}``.
 
 Keys are ``<split>-<7-digit index>`` (unique by construction, free of dots and spaces); the original
@@ -26,9 +27,11 @@ from pathlib import Path
 
 from cass_dist.errors import CassError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: raw ".npy" images (image.format "npy"); sets of version 1 read unchanged
+READABLE_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 TASKS = ("multi-class", "multi-label", "binary")
+IMAGE_FORMATS = ("png", "jpg", "npy")
 
 
 class ManifestError(CassError, ValueError):
@@ -54,7 +57,7 @@ class SplitInfo:
 @dataclass
 class ImageInfo:
     mode: str  # "RGB" or "L"
-    format: str  # "png" or "jpg"
+    format: str  # "png", "jpg" or "npy" (raw uint8 arrays)
     size: list[int] | None  # [height, width] when all images share one size, else None
     mean: list[float]  # per channel, on train, in [0, 1]
     std: list[float]
@@ -87,33 +90,31 @@ class Manifest:
     @classmethod
     def from_dict(cls, data: dict, origin: str = "manifest") -> Manifest:
         """Build a Manifest from its JSON form; raise ManifestError naming the bad field."""
+        if not isinstance(data, dict):
+            raise ManifestError(f"{origin}: expected a JSON object, got {type(data).__name__}")
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise ManifestError(
                 f"{origin}: format_version {version!r} is not supported by this cass-dist "
-                f"(it reads version {FORMAT_VERSION}); re-create the shards with this version's cass-shards"
+                f"(it reads versions {list(READABLE_VERSIONS)}); re-create the shards with this version's cass-shards"
             )
         try:
-            splits = {
-                name: SplitInfo(
-                    count=s["count"],
-                    class_counts=list(s["class_counts"]),
-                    shards=[ShardInfo(**sh) for sh in s["shards"]],
-                    index=s.get("index", ""),
-                )
-                for name, s in data["splits"].items()
-            }
+            splits = {str(name): _split(s, f"splits.{name}") for name, s in _typed(data["splits"], dict, "splits").items()}
+            image = _typed(data["image"], dict, "image")
             manifest = cls(
-                task=data["task"],
-                class_names=list(data["class_names"]),
-                image=ImageInfo(**data["image"]),
+                task=_typed(data["task"], str, "task"),
+                class_names=[_typed(c, str, "class_names[]") for c in _typed(data["class_names"], list, "class_names")],
+                image=ImageInfo(**image),
                 splits=splits,
-                class_weights=list(data["class_weights"]),
-                source=dict(data.get("source", {})),
-                duplicates=dict(data.get("duplicates", {})),
+                class_weights=[float(w) for w in _typed(data["class_weights"], list, "class_weights")],
+                source=dict(_typed(data.get("source", {}), dict, "source")),
+                duplicates=dict(_typed(data.get("duplicates", {}), dict, "duplicates")),
                 format_version=version,
             )
-        except (KeyError, TypeError) as exc:
+            _check_image(manifest.image)
+        except _FieldTypeError as exc:
+            raise ManifestError(f"{origin}: {exc}") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ManifestError(f"{origin}: missing or malformed field: {exc}") from exc
         manifest.validate(origin)
         return manifest
@@ -157,9 +158,62 @@ def load_manifest(shard_dir: str | os.PathLike) -> Manifest:
         )
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ManifestError(f"{path}: not valid JSON ({exc})") from exc
     return Manifest.from_dict(data, origin=str(path))
+
+
+class _FieldTypeError(Exception):
+    pass
+
+
+def _typed(value, kind: type, field_name: str):
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise _FieldTypeError(f"{field_name} must be {_NAMES[kind]}, got {value!r:.60}")
+    return value
+
+
+_NAMES = {int: "an integer", str: "a string", list: "a list", dict: "an object"}
+
+
+def _split(data, field_name: str) -> SplitInfo:
+    _typed(data, dict, field_name)
+    shards = _typed(data["shards"], list, f"{field_name}.shards")
+    return SplitInfo(count=_typed(data["count"], int, f"{field_name}.count"),
+                     class_counts=list(_typed(data["class_counts"], list, f"{field_name}.class_counts")),
+                     shards=[_shard(sh, f"{field_name}.shards[{i}]") for i, sh in enumerate(shards)],
+                     index=_typed(data.get("index", ""), str, f"{field_name}.index"))
+
+
+def _shard(data, field_name: str) -> ShardInfo:
+    _typed(data, dict, field_name)
+    name = _typed(data["name"], str, f"{field_name}.name")
+    if not name or name.startswith("/") or ".." in Path(name).parts:
+        raise _FieldTypeError(f"{field_name}.name must be a path inside the shard directory, got {name!r}")
+    return ShardInfo(name=name, count=_typed(data["count"], int, f"{field_name}.count"),
+                     bytes=_typed(data["bytes"], int, f"{field_name}.bytes"),
+                     sha256=_typed(data["sha256"], str, f"{field_name}.sha256"))
+
+
+def _check_image(image: ImageInfo) -> None:
+    if image.format not in IMAGE_FORMATS:
+        raise _FieldTypeError(f"image.format must be one of {list(IMAGE_FORMATS)}, got {image.format!r}")
+    if image.size is not None and (not isinstance(image.size, list) or len(image.size) != 2
+                                   or not all(isinstance(v, int) and v > 0 for v in image.size)):
+        raise _FieldTypeError(f"image.size must be [height, width] or null, got {image.size!r}")
+    for name in ("mean", "std"):
+        values = getattr(image, name)
+        if not isinstance(values, list) or not all(isinstance(v, (int, float)) for v in values):
+            raise _FieldTypeError(f"image.{name} must be a list of numbers, got {values!r}")
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """Return the hex sha256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_json_atomic(path: str | os.PathLike, data) -> None:

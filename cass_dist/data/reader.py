@@ -1,30 +1,42 @@
 """The worker side of the loader: tar bytes -> raw samples -> shuffle buffer -> decode -> uint8 batches.
 
-Each DataLoader worker (or the main process when num_workers=0) runs ``ShardStream.__iter__`` on its
-own task list from the plan. The order of the stages is what makes the loader fast and resumable:
-the shuffle buffer holds undecoded bytes (cheap to hold, cheap to drop), samples skipped on resume
-are dropped before decoding, and only what reaches a batch is decoded and augmented.
+Each DataLoader worker (or the main process when num_workers=0) runs ``ShardStream.__iter__``. The
+order of the stages is what makes the loader fast and resumable: the shuffle buffer holds undecoded
+bytes (cheap to hold, cheap to drop), samples skipped on resume are dropped before decoding, and only
+what reaches a batch is decoded. webdataset's tar iterators split the tars into samples.
 
-Corrupted data never stops the stream: an unreadable tar tail, a missing or bad label json and an
-undecodable image each count as one skipped sample (per wanted key), reported with the next batch.
+A training stream runs epoch after epoch without ending (the main process takes each epoch's batches
+in turn), so workers never restart between epochs and the next epoch's shuffle buffer fills while
+the last batches of the previous one are still in flight. Which worker plays which slot of an epoch
+follows from the DataLoader's round-robin polling, so the batches arrive in the planned order.
+
+Corrupted data never stops the stream: an unreadable tar tail, a missing or bad label and an
+undecodable image each count as one skipped sample of its shard (per wanted key), reported with the
+next batch.
 """
 
 from __future__ import annotations
 
+import copy
 import json
-import random
-import tarfile
-import zlib
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import count, islice
+from pathlib import Path
 
+import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, default_collate, get_worker_info
+from webdataset import tariterators
 
-from cass_dist.data.sharding import ShardTask
-from cass_dist.data.transforms import decode_image
+from cass_dist.data.gpu_decode import EncodedImages, check_jpeg
+from cass_dist.data.health import CorruptDataError
+from cass_dist.data.position import EpochPlan, Layout, Segment, plan_epoch, shuffle_buffer, slot_rng
+from cass_dist.data.sharding import ShardTask, SplitIndex
+from cass_dist.data.transforms import load_image
 
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "npy")
 
 
 @dataclass
@@ -32,41 +44,34 @@ class RawSample:
     key: str
     image: bytes
     label: object
+    shard: str
 
 
 class SkipCounter:
-    """Corrupted samples seen by one worker since the last batch it emitted."""
+    """Corrupted samples, per shard file name, seen by one worker since the last batch it emitted."""
 
     def __init__(self) -> None:
-        self.pending = 0
+        self.pending: Counter[str] = Counter()
 
-    def take(self) -> int:
-        count, self.pending = self.pending, 0
-        return count
+    def add(self, shard: str, n: int = 1) -> None:
+        if n:
+            self.pending[shard] += n
 
-
-def _tar_groups(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Yield (key, {extension: bytes}) per sample of a tar read as a stream; raises on a damaged tar."""
-    current, files = None, {}
-    with tarfile.open(path, mode="r|") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            base = member.name.rsplit("/", 1)[-1]
-            key, _, ext = base.partition(".")
-            if key != current and files:  # hand over a finished sample before reading on (may fail)
-                yield current, files
-                files = {}
-            current = key
-            files[ext.lower()] = tar.extractfile(member).read()
-    if files:
-        yield current, files
+    def take(self) -> dict[str, int]:
+        out, self.pending = dict(self.pending), Counter()
+        return out
 
 
-def _parse_label(files: dict[str, bytes], num_classes: int, multi_label: bool) -> object:
-    """Return the sample's label from its json; raise ValueError when absent or out of range."""
-    meta = json.loads(files["json"])
-    label = meta["label"]
+def _continue(exc: Exception) -> bool:
+    return True  # webdataset handler: a damaged member or tar tail ends nothing; missing keys are counted
+
+
+def _parse_label(sample: dict, num_classes: int, multi_label: bool) -> object:
+    """Return the sample's label from ``<key>.json`` ({"label": ...}) or webdataset's ``<key>.cls``."""
+    if "json" in sample:
+        label = json.loads(sample["json"])["label"]
+    else:
+        label = int(sample["cls"])
     if multi_label:
         if not isinstance(label, list) or len(label) != num_classes or any(v not in (0, 1) for v in label):
             raise ValueError(f"expected a 0/1 list of {num_classes}, got {label!r}")
@@ -79,130 +84,145 @@ def read_raw(tasks: list[ShardTask], counter: SkipCounter, num_classes: int,
              multi_label: bool) -> Iterator[RawSample]:
     """Yield the wanted samples of each task, undecoded; count every wanted key that is not yielded."""
     for task in tasks:
+        shard = Path(task.path).name
         wanted, seen = set(task.keys), set()
         try:
-            for key, files in _tar_groups(task.path):
-                if key not in wanted or key in seen:
-                    continue
-                seen.add(key)
-                image = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
-                try:
-                    label = _parse_label(files, num_classes, multi_label)
-                except (KeyError, ValueError, TypeError):
-                    label = None
-                if image is None or label is None:
-                    counter.pending += 1
-                    continue
-                yield RawSample(key, image, label)
-        except (tarfile.TarError, OSError, EOFError):
-            pass  # truncated or damaged tar: its unread keys are counted below
-        counter.pending += len(wanted) - len(seen)
-
-
-def shuffle_buffer(samples: Iterator[RawSample], size: int, rng: random.Random) -> Iterator[RawSample]:
-    """Yield samples in a locally shuffled order using a reservoir of ``size`` undecoded samples."""
-    buffer: list[RawSample] = []
-    for sample in samples:
-        if len(buffer) < size:
-            buffer.append(sample)
-            continue
-        i = rng.randrange(size)
-        yield buffer[i]
-        buffer[i] = sample
-    rng.shuffle(buffer)
-    yield from buffer
+            with open(task.path, "rb") as stream:
+                files = tariterators.tar_file_expander([{"url": task.path, "stream": stream}], handler=_continue)
+                for sample in tariterators.group_by_keys(files, handler=_continue):
+                    key = sample["__key__"]
+                    if key not in wanted or key in seen:
+                        continue
+                    seen.add(key)
+                    image = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
+                    try:
+                        label = _parse_label(sample, num_classes, multi_label)
+                    except (KeyError, ValueError, TypeError):
+                        label = None
+                    if image is None or label is None:
+                        counter.add(shard)
+                        continue
+                    yield RawSample(key, image, label, shard)
+        except OSError:
+            pass  # a missing or unreadable shard: its keys are counted below
+        counter.add(shard, len(wanted) - len(seen))
 
 
 class ShardStream(IterableDataset):
-    """Iterable of uint8 worker batches ``{"image", "label", "key", "skipped"}`` for one rank.
+    """Iterable of worker batches ``{"image", "label", "key", "skipped", "epoch"}`` for one rank.
 
-    ``worker_tasks[w]`` is what worker slot w reads. In training each slot cycles over its tasks
-    forever (the main process stops after the epoch's batches), so a slot never runs dry however the
-    data is split or damaged; ``skip_batches[w]`` raw batches are dropped before decoding (resume),
-    and DataLoader worker i plays slot ``(i + slot_offset) % workers`` so a resumed loader polls the
-    slots in the same round-robin order as the uninterrupted one.
+    Training (``layout`` given): epochs ``first_epoch``, ``first_epoch + 1``, ... (``epochs`` of them,
+    or forever), the first one resumed from ``segments``; each worker slot delivers exactly its
+    round-robin share of full batches per epoch, cycling over its shards should corruption leave it
+    short. Evaluation: worker i reads ``eval_tasks[i]`` once. ``image`` is uint8 ``[B, C, H, W]``, or
+    ``EncodedImages`` with ``decode="gpu"``; ``skipped`` maps shard names to corrupted samples.
     """
 
-    def __init__(self, worker_tasks: list[list[ShardTask]], *, train: bool, batch_size: int,
-                 transform: Callable[[torch.Tensor], torch.Tensor], mode: str, size_hint: list[int] | None,
-                 num_classes: int, multi_label: bool, seed: int, epoch: int, rank: int,
-                 buffer_size: int, skip_batches: list[int] | None = None, slot_offset: int = 0):
+    def __init__(self, index: SplitIndex, *, selected: np.ndarray | None, rank: int, batch_size: int,
+                 mode: str, size: list[int], num_classes: int, multi_label: bool, seed: int,
+                 decode: str = "cpu", layout: Layout | None = None, first_epoch: int = 0,
+                 segments: list[Segment] | None = None, epochs: int | None = None,
+                 eval_tasks: list[list[ShardTask]] | None = None):
         super().__init__()
-        self.worker_tasks = worker_tasks
-        self.train = train
-        self.batch_size = batch_size
-        self.transform = transform
-        self.mode = mode
-        self.size_hint = size_hint
-        self.num_classes = num_classes
-        self.multi_label = multi_label
-        self.seed, self.epoch, self.rank = seed, epoch, rank
-        self.buffer_size = buffer_size
-        self.skip_batches = skip_batches or [0] * len(worker_tasks)
-        self.slot_offset = slot_offset
+        self.index, self.selected, self.rank, self.batch_size = index, selected, rank, batch_size
+        self.mode, self.size, self.decode = mode, size, decode
+        self.num_classes, self.multi_label, self.seed = num_classes, multi_label, seed
+        self.layout, self.first_epoch, self.segments, self.epochs = layout, first_epoch, segments or [], epochs
+        self.eval_tasks = eval_tasks
+        self._plans: dict[int, EpochPlan] = {}
+
+    def for_epochs(self, first: int, epochs: int | None) -> ShardStream:
+        """A copy that starts at epoch ``first`` (resumed only if it is this stream's first epoch)."""
+        other = copy.copy(self)
+        other.first_epoch, other.epochs, other._plans = first, epochs, {}
+        other.segments = self.segments if first == self.first_epoch else []
+        return other
+
+    def plan(self, epoch: int) -> EpochPlan:
+        """The epoch's plan (the first epoch resumed from ``segments``); the last two epochs' plans are kept."""
+        if epoch not in self._plans:
+            segments = self.segments if epoch == self.first_epoch else []
+            plan = plan_epoch(self.index, self.selected, seed=self.seed, epoch=epoch, layout=self.layout,
+                              segments=segments)
+            self._plans = {e: p for e, p in self._plans.items() if e == epoch - 1} | {epoch: plan}
+        return self._plans[epoch]
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        slot = ((info.id if info else 0) + self.slot_offset) % len(self.worker_tasks)
-        counter = SkipCounter()
-        raw = self._raw_stream(slot, counter)
-        skip = self.skip_batches[slot] * self.batch_size
-        for _ in range(skip):  # resume: drop already-consumed samples before decoding them
-            if next(raw, None) is None:
-                break
-        # Augmentations draw from a generator seeded by the sample's position in this slot's stream,
-        # so a resumed run (any worker count) augments each sample exactly as the straight run did,
-        # and the caller's global RNG is never touched.
-        aug_seed = zlib.crc32(f"{self.seed}/{self.epoch}/{self.rank}/{slot}".encode()) << 31
-        yield from self._batches(raw, counter, aug_seed, first_position=skip)
+        worker = info.id if info else 0
+        if self.layout is None:
+            counter = SkipCounter()
+            yield from self._batches(read_raw(self.eval_tasks[worker], counter, self.num_classes, self.multi_label),
+                                     counter, epoch=0, final=True)
+            return
+        yield from self._training(worker)
 
-    def _raw_stream(self, slot: int, counter: SkipCounter) -> Iterator[RawSample]:
-        tasks = self.worker_tasks[slot]
-        if not self.train:
-            yield from read_raw(tasks, counter, self.num_classes, self.multi_label)
-            return
-        if not tasks:
-            return
-        rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{slot}")
+    def _training(self, worker: int) -> Iterator[dict]:
+        slots = self.layout.workers
+        delivered = 0  # batches this DataLoader iteration has delivered, all workers together
+        epochs = count(self.first_epoch) if self.epochs is None else range(self.first_epoch,
+                                                                           self.first_epoch + self.epochs)
+        for epoch in epochs:
+            plan = self.plan(epoch)
+            # The DataLoader polls worker (n % slots) for its n-th batch: the slot whose batch comes
+            # n-th in this epoch is the one this worker plays.
+            slot = (worker - delivered + plan.start) % slots
+            delivered += plan.num_batches - plan.start
+            quota = len(range(slot, plan.num_batches, slots))
+            skip = len(range(slot, plan.start, slots))
+            if quota == skip:
+                continue
+            counter = SkipCounter()
+            raw = self._cycle(plan.slot_tasks(self.index, self.rank, slot), counter,
+                              slot_rng(self.seed, epoch, self.rank, slot, plan.segment))
+            for _ in range(skip * self.batch_size):  # resume: drop consumed samples before decoding them
+                next(raw)
+            yield from islice(self._batches(raw, counter, epoch=epoch, final=False), quota - skip)
+
+    def _cycle(self, tasks: list[ShardTask], counter: SkipCounter, rng) -> Iterator[RawSample]:
+        """The slot's samples through the shuffle buffer; further passes only cover shortfalls (corruption)."""
         order = list(tasks)
         while True:
-            # One buffer per pass over the worker's range, flushed at its end: the first pass (all an
-            # epoch normally needs) yields each sample exactly once; later passes only cover shortfalls.
             produced = False
             for sample in shuffle_buffer(read_raw(order, counter, self.num_classes, self.multi_label),
-                                         self.buffer_size, rng):
+                                         self.layout.shuffle_buffer, rng):
                 produced = True
                 yield sample
             if not produced:
-                raise RuntimeError(f"no readable sample in {[t.path for t in tasks]}: every wanted sample "
-                                   f"of this worker's shards is corrupted or missing")
+                raise CorruptDataError(f"no readable sample in {sorted({t.path for t in tasks})}: every wanted "
+                                       f"sample of this worker's shards is corrupted or missing")
             rng.shuffle(order)
 
-    def _batches(self, raw: Iterator[RawSample], counter: SkipCounter, aug_seed: int,
-                 first_position: int) -> Iterator[dict]:
+    def _load(self, sample: RawSample):
+        if self.decode == "gpu":
+            check_jpeg(sample.image)
+            return sample.image
+        return load_image(sample.image, self.mode, self.size)
+
+    def _batches(self, raw: Iterator[RawSample], counter: SkipCounter, *, epoch: int, final: bool) -> Iterator[dict]:
         keys, images, labels = [], [], []
-        for position, sample in enumerate(raw, start=first_position):
+        for sample in raw:
             try:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(aug_seed + position)
-                    image = self.transform(decode_image(sample.image, self.mode, self.size_hint))
-            except Exception:  # noqa: BLE001 - PIL raises many types for bad bytes; each is one skip
-                counter.pending += 1
+                image = self._load(sample)
+            except Exception:  # noqa: BLE001 - decoders raise many types for bad bytes; each is one skip
+                counter.add(sample.shard)
                 continue
             keys.append(sample.key)
             images.append(image)
             labels.append(sample.label)
             if len(keys) == self.batch_size:
-                yield self._collate(keys, images, labels, counter.take())
+                yield self._collate(keys, images, labels, counter.take(), epoch)
                 keys, images, labels = [], [], []
-        if keys or counter.pending:
-            yield self._collate(keys, images, labels, counter.take())
+        if final and (keys or counter.pending):
+            yield self._collate(keys, images, labels, counter.take(), epoch)
 
-    def _collate(self, keys: list[str], images: list[torch.Tensor], labels: list, skipped: int) -> dict:
+    def _collate(self, keys: list[str], images: list, labels: list, skipped: dict[str, int], epoch: int) -> dict:
         dtype = torch.float32 if self.multi_label else torch.int64
-        return {
-            "image": torch.stack(images) if images else torch.empty(0, dtype=torch.uint8),
-            "label": torch.tensor(labels, dtype=dtype),
-            "key": keys,
-            "skipped": skipped,
-        }
+        if self.decode == "gpu":
+            image = EncodedImages.from_bytes(images, mode=self.mode, size=self.size, keys=keys)
+        elif images:
+            image = default_collate(images)  # in a worker: stacked straight into shared memory
+        else:
+            image = torch.empty(0, 3 if self.mode == "RGB" else 1, *self.size, dtype=torch.uint8)
+        return {"image": image, "label": torch.tensor(labels, dtype=dtype), "key": keys, "skipped": skipped,
+                "epoch": epoch}

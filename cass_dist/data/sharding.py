@@ -1,14 +1,15 @@
 """Who reads what: deterministic assignment of samples to ranks and DataLoader workers.
 
 Every plan here is a pure function of the manifest, the split index and a few integers, so all ranks
-compute the same plan without talking to each other.
+(and all their workers) compute the same plan without talking to each other.
 
 The unit of reading is a shard (a worker opens whole tar files and streams them), but the unit of
 *assignment* is the sample: the split's keys are laid out in (shuffled) shard order and cut into
 contiguous ranges, first one range per rank, then one per worker. This keeps open_clip's cheap
 sequential tar reads while giving exact, balanced coverage even with fewer shards than
 ranks x workers (several workers then read disjoint parts of one shard) and with label fractions
-(only the selected keys count).
+(only the selected keys count). Samples are handled as integer ids (positions in the split index),
+so a plan over a million samples costs a few numpy arrays, not a million Python objects.
 """
 
 from __future__ import annotations
@@ -44,22 +45,32 @@ class SplitIndex:
     def keys(self) -> list[str]:
         return [key for keys in self.shard_keys for key in keys]
 
+    @property
+    def shard_bounds(self) -> np.ndarray:
+        """``bounds[s]:bounds[s + 1]`` are the ids of shard s's keys (ids index ``keys``)."""
+        return np.concatenate([[0], np.cumsum([len(k) for k in self.shard_keys])]).astype(np.int64)
+
 
 def read_split_index(shards_dir: str | os.PathLike, manifest: Manifest, split: str) -> SplitIndex:
     """Load ``index-<split>.json`` and group its keys by shard using the manifest's shard counts.
 
-    Returns a SplitIndex. Raises ManifestError when the split is unknown, the index file is missing
-    or unreadable, or its length disagrees with the manifest.
+    Returns a SplitIndex. Raises ManifestError when the split is unknown, the index file is missing,
+    unreadable or not ``{"keys": [str, ...], "labels": [...]}``, or its length disagrees with the manifest.
     """
     info = manifest.split(split)
     path = Path(shards_dir) / (info.index or f"index-{split}.json")
     try:
         data = json.loads(path.read_text())
-        keys, labels = list(data["keys"]), list(data["labels"])
     except FileNotFoundError as exc:
         raise ManifestError(f"{path} not found: the shard set has no key index for split {split!r}") from exc
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ManifestError(f"{path}: expected JSON with 'keys' and 'labels' lists ({exc})") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"{path}: not readable JSON ({exc})") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("keys"), list) or not isinstance(data.get("labels"), list):
+        raise ManifestError(f"{path}: expected a JSON object with 'keys' and 'labels' lists, "
+                            f"got {type(data).__name__}")
+    keys, labels = data["keys"], data["labels"]
+    if not all(isinstance(k, str) for k in keys):
+        raise ManifestError(f"{path}: every key must be a string")
     if len(keys) != info.count or len(labels) != info.count:
         raise ManifestError(f"{path}: {len(keys)} keys and {len(labels)} labels, but the manifest says "
                             f"split {split!r} has {info.count} samples")
@@ -76,6 +87,19 @@ def shard_order(num_shards: int, *, shuffle: bool, seed: int, epoch: int) -> lis
     if not shuffle:
         return list(range(num_shards))
     return [int(i) for i in np.random.default_rng([seed, epoch, 0x5A4D]).permutation(num_shards)]
+
+
+def epoch_sequence(index: SplitIndex, selected: np.ndarray | None, *, shuffle: bool, seed: int,
+                   epoch: int) -> np.ndarray:
+    """Return the ids of the epoch's samples in reading order: shards in ``shard_order``, keys in shard order.
+
+    ``selected`` is a boolean mask over the ids (label fractions) or None for all of them.
+    """
+    bounds = index.shard_bounds
+    order = shard_order(len(index.shard_paths), shuffle=shuffle, seed=seed, epoch=epoch)
+    parts = [np.arange(bounds[s], bounds[s + 1]) for s in order]
+    ids = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    return ids[selected[ids]] if selected is not None else ids
 
 
 def cut(n: int, parts: int) -> list[tuple[int, int]]:
@@ -104,19 +128,24 @@ def worker_batch_counts(num_batches: int, num_workers: int) -> list[int]:
     return [len(range(w, num_batches, num_workers)) for w in range(num_workers)]
 
 
-def tasks_for(sequence: list[tuple[int, str]], paths: list[str]) -> list[ShardTask]:
-    """Group a run of (shard id, key) pairs into one ShardTask per consecutive shard."""
-    tasks: list[ShardTask] = []
-    current, keys = None, []
-    for shard, key in sequence:
-        if shard != current and keys:
-            tasks.append(ShardTask(paths[current], tuple(keys)))
-            keys = []
-        current = shard
-        keys.append(key)
-    if keys:
-        tasks.append(ShardTask(paths[current], tuple(keys)))
+def tasks_for(ids: np.ndarray, index: SplitIndex) -> list[ShardTask]:
+    """Group a run of sample ids into one ShardTask per run of consecutive ids from one shard."""
+    if len(ids) == 0:
+        return []
+    bounds = index.shard_bounds
+    shards = np.searchsorted(bounds, ids, side="right") - 1
+    breaks = np.flatnonzero(np.diff(shards)) + 1
+    tasks = []
+    for run in np.split(np.arange(len(ids)), breaks):
+        shard = int(shards[run[0]])
+        keys = index.shard_keys[shard]
+        tasks.append(ShardTask(index.shard_paths[shard], tuple(keys[i - bounds[shard]] for i in ids[run])))
     return tasks
+
+
+def rank_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The (start, stop) of rank ``rank``'s contiguous share of an n-sample sequence."""
+    return cut(n, world_size)[rank]
 
 
 @dataclass(frozen=True)
@@ -124,28 +153,20 @@ class RankPlan:
     """What one rank reads this epoch: one task list per worker, and how many samples it holds."""
 
     worker_tasks: list[list[ShardTask]]
-    rank_samples: int  # samples assigned to this rank (eval: what it yields, train: what it may read)
+    rank_samples: int  # samples assigned to this rank
 
 
-def plan_rank(index: SplitIndex, selected: set[str] | None, *, train: bool, seed: int, epoch: int,
-              rank: int, world_size: int, num_workers: int, batches_per_worker: list[int] | None = None,
-              batch_size: int = 1) -> RankPlan:
-    """Plan the reading of one rank: shard order, then a contiguous range per rank, then per worker.
+def plan_eval(index: SplitIndex, selected: np.ndarray | None, *, rank: int, world_size: int,
+              num_workers: int) -> RankPlan:
+    """Plan one rank's share of an evaluation pass: shard order, a contiguous range per rank, then per worker.
 
-    ``selected`` restricts the split to a subset of keys (label fractions). In training,
-    ``batches_per_worker`` sizes each worker's range to what the round-robin DataLoader will take from
-    it, so an epoch reads every sample of the rank's range at most once. Returns a RankPlan.
+    Together the ranks' plans hold every (selected) sample of the split exactly once.
     """
-    order = shard_order(len(index.shard_paths), shuffle=train, seed=seed, epoch=epoch)
-    sequence = [(s, key) for s in order for key in index.shard_keys[s] if selected is None or key in selected]
-    start, stop = cut(len(sequence), world_size)[rank]
+    sequence = epoch_sequence(index, selected, shuffle=False, seed=0, epoch=0)
+    start, stop = rank_range(len(sequence), rank, world_size)
     mine = sequence[start:stop]
-    workers = max(1, num_workers)
-    if batches_per_worker is not None:
-        ranges = cut_by_sizes(len(mine), [b * batch_size for b in batches_per_worker])
-    else:
-        ranges = cut(len(mine), workers)
-    return RankPlan([tasks_for(mine[a:b], index.shard_paths) for a, b in ranges], len(mine))
+    ranges = cut(len(mine), max(1, num_workers))
+    return RankPlan([tasks_for(mine[a:b], index) for a, b in ranges], len(mine))
 
 
 def batches_per_rank(num_samples: int, batch_size: int, world_size: int, drop_last: bool) -> int:

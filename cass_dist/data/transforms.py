@@ -1,41 +1,28 @@
-"""Image decoding and augmentation on uint8 tensors, and batch normalisation.
+"""What the loader workers do to an image: decode its bytes and resize it to the training size, as uint8.
 
-The per-sample pipeline is: bytes -> PIL decode (JPEG in draft mode, so a 512 px scan decodes at
-256 px when 224 px is wanted) -> uint8 CxHxW tensor -> resize first (so colour jitter and warps touch
-few pixels) -> torchvision.transforms.v2 augmentation on uint8 (PIL for the warps, where it is faster). Normalisation with the manifest's
-mean/std and the L -> 3-channel expansion run once per *batch* after collation: it is vectorised,
-and it lets workers ship uint8 (4x less inter-process traffic than float32).
+Everything random (augmentation) and everything float (normalisation) happens after the batch is on
+the training device (``cass_dist.data.augment``), so a worker ships one uint8 image per sample.
+
+Decoders, measured on the brain MRI JPEGs (mixed sizes, decoded at >= 224 px, 1 core; see
+docs/data.md): simplejpeg with DCT-domain downscaling and PIL's ``draft`` both take 0.58 ms and give
+the same pixels (libjpeg-turbo underneath, the same scaled IDCT); simplejpeg returns HWC arrays,
+which torch's uint8 antialiased resize handles in 0.16 ms against 0.5 ms for PIL's CHW copy, so
+JPEGs go through simplejpeg. ``torchvision.io.decode_jpeg`` cannot decode at a reduced scale (1.6
+ms with the resize). PNG goes through PIL; raw ``.npy`` samples are a header parse and a copy.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Sequence
-from typing import Literal
+from collections.abc import Sequence
 
+import numpy as np
+import simplejpeg
 import torch
 from PIL import Image
-from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-TransformKind = Literal["pretrain", "ssl", "finetune", "eval"]
-ImageTransform = Callable[[torch.Tensor], torch.Tensor]
-
-
-def decode_image(data: bytes, mode: str, size_hint: Sequence[int] | None = None) -> torch.Tensor:
-    """Decode PNG/JPEG bytes into a uint8 CxHxW tensor in ``mode`` ("RGB" or "L").
-
-    ``size_hint`` (height, width) lets JPEG decode at a reduced scale that is still at least that
-    large. Raises whatever PIL raises for undecodable data (OSError, ValueError, SyntaxError ...).
-    """
-    with Image.open(io.BytesIO(data)) as img:
-        if size_hint is not None and img.format == "JPEG":
-            img.draft(mode, (int(size_hint[1]), int(size_hint[0])))
-        if img.mode != mode:
-            img = img.convert(mode)
-        else:
-            img.load()
-        return F.pil_to_tensor(img)
+JPEG_MAGIC, NPY_MAGIC = b"\xff\xd8", b"\x93NUMPY"
 
 
 def _size(image_size: int | Sequence[int]) -> list[int]:
@@ -46,108 +33,69 @@ def _size(image_size: int | Sequence[int]) -> list[int]:
     return [int(image_size[0]), int(image_size[1])]
 
 
-class ResizeAugment:
-    """Resize a uint8 tensor, then apply random steps and flips; returns a uint8 tensor.
+def _hwc_tensor(array: np.ndarray) -> torch.Tensor:
+    """A CxHxW view of an HxW or HxWxC uint8 array (no copy; torch's resize is fastest on this layout)."""
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if not array.flags.writeable:
+        array = array.copy()
+    return torch.from_numpy(array).permute(2, 0, 1)
 
-    ``steps`` are (transform, probability) pairs run in order on a PIL image, and only when at least
-    one fires. Measured per 224 px image on one core: torch's antialiased uint8 resize beats PIL's,
-    while PIL's affine (10x), colour enhance (2x) and perspective warps beat torch's float grid
-    sampling; the tensor -> PIL -> tensor round trip (~0.4 ms) is skipped when no step fires.
+
+def _decode_jpeg(data: bytes, mode: str, size_hint: Sequence[int] | None) -> torch.Tensor | None:
+    """simplejpeg decode at the smallest DCT scale >= size_hint; None when PIL must convert the colours."""
+    _, _, colourspace, _ = simplejpeg.decode_jpeg_header(data)
+    if mode == "L" and colourspace.lower() != "gray":
+        return None  # PIL's RGB -> L luma differs from libjpeg's Y channel: keep the stored-mode rule
+    height, width = (int(size_hint[0]), int(size_hint[1])) if size_hint is not None else (0, 0)
+    array = simplejpeg.decode_jpeg(data, "RGB" if mode == "RGB" else "GRAY", min_height=height, min_width=width)
+    return _hwc_tensor(array)
+
+
+def decode_image(data: bytes, mode: str, size_hint: Sequence[int] | None = None) -> torch.Tensor:
+    """Decode JPEG, PNG (any PIL format) or ``.npy`` bytes into a uint8 CxHxW tensor in ``mode`` ("RGB" or "L").
+
+    ``size_hint`` (height, width) lets JPEG decode at a reduced scale that is still at least that
+    large. Raises whatever the decoder raises for undecodable data (ValueError, OSError,
+    SyntaxError ...): callers count that as one corrupted sample.
     """
+    if data[:2] == JPEG_MAGIC:
+        tensor = _decode_jpeg(data, mode, size_hint)
+        if tensor is not None:
+            return tensor
+    if data[:6] == NPY_MAGIC:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+        channels = 1 if array.ndim == 2 else array.shape[2]
+        if array.dtype != np.uint8 or channels != (3 if mode == "RGB" else 1):
+            raise ValueError(f"raw image of dtype {array.dtype} and shape {array.shape} is not uint8 {mode}")
+        return _hwc_tensor(array)
+    with Image.open(io.BytesIO(data)) as img:
+        if size_hint is not None and img.format == "JPEG":
+            img.draft(mode, (int(size_hint[1]), int(size_hint[0])))
+        img = img.convert(mode) if img.mode != mode else img
+        return _hwc_tensor(np.asarray(img))
 
-    def __init__(self, image_size: int | Sequence[int], steps: Sequence[tuple[Callable, float]],
-                 flip_p: float = 0.3):
-        self.resize = v2.Resize(_size(image_size), antialias=True)
-        self.steps = list(steps)
-        self.flip_p = flip_p
 
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        image = self.resize(image)
-        chosen = [step for step, p in self.steps if torch.rand(1).item() < p]
-        if chosen:
-            pil = F.to_pil_image(image)
-            for step in chosen:
-                pil = step(pil)
-            image = F.pil_to_tensor(pil)
-        if torch.rand(1).item() < self.flip_p:
-            image = F.vertical_flip(image)
-        if torch.rand(1).item() < self.flip_p:
-            image = F.horizontal_flip(image)
+def resize_image(image: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Return ``image`` (uint8 CxHxW) resized to ``size`` (antialiased bilinear), or itself when it fits."""
+    if list(image.shape[-2:]) == list(size):
         return image
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.resize}, steps={self.steps}, flip_p={self.flip_p})"
+    return F.resize(image, list(size), antialias=True)
 
 
-def pretrain_transform(image_size: int | Sequence[int]) -> ImageTransform:
-    """Return the CASS paper's pretraining augmentation (Singh & Cirrone, MIDL 2023) on uint8 tensors.
-
-    Resize to ``image_size``; with p=0.3 colour jitter (0.2, 0.2, 0.2) then a 0.2 perspective warp
-    (itself p=0.5); with p=0.3 an affine rotation of up to 10 degrees; vertical and horizontal flips
-    with p=0.3 each.
-    """
-    colour_and_warp = v2.Compose([v2.ColorJitter(0.2, 0.2, 0.2), v2.RandomPerspective(distortion_scale=0.2)])
-    return ResizeAugment(image_size, [(colour_and_warp, 0.3), (v2.RandomAffine(degrees=10), 0.3)])
-
-
-def ssl_transform(image_size: int | Sequence[int]) -> ImageTransform:
-    """Return a SimCLR-style augmentation sized for grey medical images, on uint8 tensors.
-
-    A random resized crop (scale 0.35-1, aspect 3/4-4/3), horizontal flip (p=0.5), brightness and
-    contrast jitter of 0.4 (p=0.8) and a small Gaussian blur (p=0.5). Stronger than the paper's, for
-    two views (``data.views=2``): what differs between the views is what the features learn to ignore.
-    """
-    size = _size(image_size)
-    return v2.Compose([
-        v2.RandomResizedCrop(size, scale=(0.35, 1.0), antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4)], p=0.8),
-        v2.RandomApply([v2.GaussianBlur(kernel_size=3, sigma=(0.1, 1.0))], p=0.5),
-    ])
-
-
-class Views:
-    """Apply ``transform`` ``count`` times to one image: returns the views stacked, ``[count, C, H, W]``."""
-
-    def __init__(self, transform: ImageTransform, count: int):
-        if count < 1:
-            raise ValueError(f"views must be >= 1, got {count}")
-        self.transform, self.count = transform, count
-
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        return torch.stack([self.transform(image) for _ in range(self.count)])
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.transform!r}, count={self.count})"
-
-
-def finetune_transform(image_size: int | Sequence[int]) -> ImageTransform:
-    """Return the fine-tuning augmentation: resize, mild affine (p=0.3), flips (p=0.3), on uint8 tensors."""
-    affine = v2.RandomAffine(degrees=10, translate=(0.05, 0.05), scale=(0.95, 1.05))
-    return ResizeAugment(image_size, [(affine, 0.3)])
-
-
-def eval_transform(image_size: int | Sequence[int]) -> ImageTransform:
-    """Return the deterministic evaluation transform: resize to ``image_size`` only."""
-    return v2.Resize(_size(image_size), antialias=True)
-
-
-def build_transform(kind: TransformKind, image_size: int | Sequence[int]) -> ImageTransform:
-    """Return the named transform; raise ValueError for an unknown kind."""
-    builders = {"pretrain": pretrain_transform, "ssl": ssl_transform, "finetune": finetune_transform,
-                "eval": eval_transform}
-    if kind not in builders:
-        raise ValueError(f"transform must be one of {sorted(builders)} or a callable, got {kind!r}")
-    return builders[kind](image_size)
+def load_image(data: bytes, mode: str, size: Sequence[int] | None) -> torch.Tensor:
+    """Decode ``data`` and bring it to ``size`` (None: as stored); raises like ``decode_image``."""
+    image = decode_image(data, mode, size)
+    return resize_image(image, size) if size is not None else image
 
 
 class BatchNormalizer:
     """uint8 ...xCxHxW -> float32 normalised with the dataset's mean/std, L expanded to ``channels``.
 
-    Leading dimensions are free: a batch of views ``[B, V, C, H, W]`` is normalised like ``[B, C, H, W]``.
-
-    ``mean``/``std`` are per stored channel in [0, 1] (from the manifest). ``channels=None`` keeps the
-    stored channel count; 3 (the default for the models) repeats a single L channel three times.
+    Runs on the images' device. Leading dimensions are free. ``mean``/``std`` are per stored
+    channel in [0, 1] (from the manifest). ``channels=None`` keeps the stored channel count; 3 (the
+    default for the models) repeats a single L channel three times. Float images in [0, 1] are
+    normalised with ``from_unit``.
     """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float], channels: int | None = 3):
@@ -159,16 +107,34 @@ class BatchNormalizer:
             raise ValueError(f"cannot expand {len(mean)}-channel images to {channels} channels")
         self.channels = channels
         self.mean, self.std = list(mean), list(std)
-        # Fold /255 into the affine map so one multiply-add does the whole job.
-        self.scale = torch.tensor([1 / (255 * s) for s in std]).view(-1, 1, 1)
-        self.shift = torch.tensor([-m / s for m, s in zip(mean, std)]).view(-1, 1, 1)
+        self._affine: dict[tuple[torch.device, float], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """Return float32 normalised images; raises ValueError on a channel-count mismatch."""
-        if images.ndim < 4 or images.shape[-3] != self.scale.shape[0]:
+    def _scale_shift(self, device: torch.device, unit: float) -> tuple[torch.Tensor, torch.Tensor]:
+        # One multiply-add does the whole job (/unit folded in); kept per device, built once.
+        if (device, unit) not in self._affine:
+            scale = torch.tensor([1 / (unit * s) for s in self.std]).view(-1, 1, 1)
+            shift = torch.tensor([-m / s for m, s in zip(self.mean, self.std)]).view(-1, 1, 1)
+            self._affine[(device, unit)] = (scale.to(device), shift.to(device))
+        return self._affine[(device, unit)]
+
+    def _check(self, images: torch.Tensor) -> None:
+        if images.ndim < 4 or images.shape[-3] != len(self.mean):
             raise ValueError(f"images of shape {tuple(images.shape)}: the normaliser expects "
-                             f"{self.scale.shape[0]} channels, as [..., C, H, W]")
-        out = images.float().mul_(self.scale).add_(self.shift)
+                             f"{len(self.mean)} channels, as [..., C, H, W]")
+
+    def _expand(self, out: torch.Tensor) -> torch.Tensor:
         if self.channels is not None and out.shape[-3] != self.channels:
             out = out.expand(*out.shape[:-3], self.channels, *out.shape[-2:]).contiguous()
         return out
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """Return float32 normalised images from uint8 ones; raises ValueError on a channel-count mismatch."""
+        self._check(images)
+        scale, shift = self._scale_shift(images.device, 255.0)
+        return self._expand(images.float().mul_(scale).add_(shift))
+
+    def from_unit(self, images: torch.Tensor) -> torch.Tensor:
+        """Return float images in [0, 1] normalised (in place when they are float32), L expanded."""
+        self._check(images)
+        scale, shift = self._scale_shift(images.device, 1.0)
+        return self._expand(images.float().mul_(scale).add_(shift))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -10,11 +9,13 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
+from webdataset.tariterators import base_plus_ext
 
-from cass_dist.data.manifest import Manifest, ManifestError, load_manifest
+from cass_dist.data.manifest import Manifest, ManifestError, load_manifest, sha256_of
+from cass_dist.data.output import SHARD_PATTERN
 from cass_dist.data.splits import class_counts
-from cass_dist.data.writer import SHARD_PATTERN
 
 
 def verify_shards(shard_dir: str | os.PathLike, *, decode: bool = True) -> list[str]:
@@ -44,7 +45,7 @@ def verify_shards(shard_dir: str | os.PathLike, *, decode: bool = True) -> list[
             size = path.stat().st_size
             if size != shard.bytes:
                 problems.append(f"{path}: {size} bytes, manifest says {shard.bytes}")
-            if _sha256(path) != shard.sha256:
+            if sha256_of(path) != shard.sha256:
                 problems.append(f"{path}: sha256 differs from the manifest")
             found = _check_tar(path, manifest, decode, problems)
             if len(found) != shard.count:
@@ -58,14 +59,6 @@ def verify_shards(shard_dir: str | os.PathLike, *, decode: bool = True) -> list[
     return problems
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _check_tar(path: Path, manifest: Manifest, decode: bool, problems: list[str]) -> list[tuple[str, object]]:
     """Return (key, label) of every well-formed sample, appending a problem for each bad one."""
     members: dict[str, dict[str, bytes]] = {}
@@ -74,21 +67,26 @@ def _check_tar(path: Path, manifest: Manifest, decode: bool, problems: list[str]
             for info in tar:
                 if not info.isfile():
                     continue
-                key, _, ext = info.name.partition(".")
-                members.setdefault(key, {})[ext] = tar.extractfile(info).read()
+                key, ext = base_plus_ext(info.name)  # webdataset's own rule for keys
+                if key is not None:
+                    members.setdefault(key, {})[ext.lower()] = tar.extractfile(info).read()
     except (tarfile.TarError, OSError, EOFError) as exc:
         problems.append(f"{path}: unreadable tar ({type(exc).__name__}: {exc})")
     image_ext = manifest.image.format
+    adopted = manifest.source.get("type") == "webdataset"  # foreign shards: extra members, modes read as asked
     found = []
     for key, parts in members.items():
         where = f"{path}:{key}"
-        if set(parts) != {image_ext, "json"}:
-            problems.append(f"{where}: holds {sorted(parts)}, expected {sorted([image_ext, 'json'])}")
+        images = [e for e in parts if e == image_ext or (image_ext == "jpg" and e == "jpeg")]
+        labels = [e for e in ("json", "cls") if e in parts]
+        if len(images) != 1 or not labels or (not adopted and set(parts) != {image_ext, "json"}):
+            expected = f"one .{image_ext} image and a .json label" + (" (or .cls)" if adopted else "")
+            problems.append(f"{where}: holds {sorted(parts)}, expected {expected}")
             continue
         try:
-            label = json.loads(parts["json"])["label"]
+            label = json.loads(parts["json"])["label"] if "json" in parts else int(parts["cls"])
         except (ValueError, KeyError, TypeError) as exc:
-            problems.append(f"{where}: bad json ({exc})")
+            problems.append(f"{where}: bad label ({exc})")
             continue
         if not _label_ok(label, manifest):
             problems.append(f"{where}: label {label!r} is not valid for a {manifest.task} task "
@@ -96,16 +94,26 @@ def _check_tar(path: Path, manifest: Manifest, decode: bool, problems: list[str]
             continue
         if decode:
             try:
-                with Image.open(io.BytesIO(parts[image_ext])) as image:
-                    image.load()
-                    mode = image.mode
-            except Exception as exc:  # PIL raises many types for bad data
+                mode = _decoded_mode(parts[images[0]], image_ext)
+            except Exception as exc:  # decoders raise many types for bad data
                 problems.append(f"{where}: image does not decode ({type(exc).__name__}: {exc})")
                 continue
-            if mode != manifest.image.mode:
+            if mode != manifest.image.mode and not adopted:
                 problems.append(f"{where}: image mode {mode}, manifest says {manifest.image.mode}")
         found.append((key, label))
     return found
+
+
+def _decoded_mode(data: bytes, image_ext: str) -> str:
+    """Decode an image fully and return its mode ("RGB", "L", ...); raises for undecodable data."""
+    if image_ext == "npy":
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+        if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] != 3):
+            raise ValueError(f"raw image of dtype {array.dtype} and shape {array.shape} is not uint8 L or RGB")
+        return "L" if array.ndim == 2 else "RGB"
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        return image.mode
 
 
 def _label_ok(label, manifest: Manifest) -> bool:
@@ -131,6 +139,9 @@ def _check_split(root: Path, name: str, split, keys: list, labels: list, manifes
         index = json.loads(index_path.read_text())
     except (OSError, ValueError) as exc:
         problems.append(f"{index_path}: unreadable ({exc})")
+        return
+    if not isinstance(index, dict):
+        problems.append(f"{index_path}: expected a JSON object with 'keys' and 'labels', got {type(index).__name__}")
         return
     if index.get("keys") != keys or index.get("labels") != labels:
         problems.append(f"{index_path}: keys/labels differ from the shards' (in shard order)")

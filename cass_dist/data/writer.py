@@ -1,26 +1,30 @@
 """Sample records -> WebDataset tar shards, split indexes and manifest.json (written last).
 
-Shards are written under temporary names (``.<name>.tmp-<pid>``) and renamed only when every shard of
-every split is complete; the manifest follows. An interrupted run therefore leaves temp files or
-manifest-less shards, which never look complete and which the next run removes.
+The new set is built beside the output, in ``.<out>.new-<pid>`` (tars written by webdataset's
+``TarWriter`` with fixed owner, mode and mtime, so the same input gives the same bytes), and
+swapped in once complete: on Linux with one atomic ``renameat2(RENAME_EXCHANGE)``, elsewhere with two
+renames (``<out>`` -> ``.<out>.old-<pid>``, the new set -> ``<out>``). A kill at any moment leaves the
+old set or the new one complete: at ``<out>``, or, between the two fallback renames, beside it, where
+the next run (any ``cass-shards`` command that writes) moves it in. Every later run removes what an
+interrupted one left (``recover_output``). Files in ``<out>`` that are not part of a shard set
+(notes, READMEs) move over to the new set.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import multiprocessing
 import os
-import re
+import shutil
 import signal
-import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
+from webdataset import TarWriter
 
 from cass_dist.data import images
 from cass_dist.data.images import ImageOptions
@@ -30,8 +34,10 @@ from cass_dist.data.manifest import (
     Manifest,
     ShardInfo,
     SplitInfo,
+    sha256_of,
     write_json_atomic,
 )
+from cass_dist.data.output import OutputExistsError, prepare_output, recover_output, swap_in  # noqa: F401 (re-export)
 from cass_dist.data.sources import Sample, SourceData, SourceError
 from cass_dist.data.splits import (
     SPLIT_ORDER,
@@ -41,15 +47,9 @@ from cass_dist.data.splits import (
     cross_split_duplicates,
     shuffled_members,
 )
-from cass_dist.errors import CassError
 
-SHARD_PATTERN = re.compile(r"^(train|val|test)-\d{6}\.tar$")
-INDEX_PATTERN = re.compile(r"^index-(train|val|test)\.json$")
+STAGES = ("shards", "manifest", "old-moved", "swapped", "done")  # where ``on_stage`` is called
 CHUNK = 32  # images per pool task: big enough to amortise IPC, small enough for a smooth progress bar
-
-
-class OutputExistsError(CassError, FileExistsError):
-    """The output directory already holds a finished shard set (and overwrite was not asked for)."""
 
 
 @dataclass
@@ -76,76 +76,55 @@ class WriteOptions:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction!r}")
 
 
-def write_shards(data: SourceData, out_dir: str | os.PathLike, options: WriteOptions | None = None) -> Manifest:
+def write_shards(data: SourceData, out_dir: str | os.PathLike, options: WriteOptions | None = None, *,
+                 on_stage: Callable[[str], None] | None = None) -> Manifest:
     """Convert ``data`` into ``<out_dir>/<split>-NNNNNN.tar`` shards, indexes and a manifest.
 
     Returns the saved Manifest. Raises OutputExistsError when out_dir already holds a finished set and
     ``options.overwrite`` is false, SourceError for an empty dataset, ImageError naming the first
     unreadable image (before any shard is written), ValueError for bad options. On any error (or
-    interrupt) the temp files of this run are removed.
+    interrupt) the files of this run are removed and ``out_dir`` is left as it was. ``on_stage(name)``
+    is called at each of ``STAGES`` (a test hook: the tests kill the writer there).
     """
     options = options or WriteOptions()
     options.validate()
     if not data.samples:
         raise SourceError(f"{data.kind}: the dataset has no samples")
     out = Path(out_dir)
+    stage = on_stage or (lambda name: None)
     prepare_output(out, options.overwrite)
     samples = list(data.samples)
     workers = _num_workers(options.workers, len(samples))
-    with _pool(workers) as pool:
-        digests = _digests(samples, pool)  # also probes every file header: bad files fail here
-        groups = [x.group for x in samples] if any(x.group is not None for x in samples) else None
-        if groups is None and len(set(digests)) < len(digests):
-            groups = digests  # splits made here keep byte-identical images together
-        splits = assign_splits([x.split for x in samples], [x.label for x in samples], groups,
-                               seed=options.seed, val_fraction=options.val_fraction)
-        dupes = cross_split_duplicates(digests, splits)
-        dropped = set(dupes.drop) if options.dedupe else set()
-        if not options.dedupe:
-            dupes.dropped = 0
-        by_split = {s: [i for i in shuffled_members(splits, s, options.seed) if i not in dropped]
-                    for s in SPLIT_ORDER if s in splits}
-        temps: list[tuple[Path, Path]] = []
-        try:
-            results = _write_all(data, samples, by_split, out, options, pool, temps)
-            _remove_old_set(out)
-            for tmp, final in temps:
-                os.replace(tmp, final)
-        except BaseException:
-            for tmp, _ in temps:
-                tmp.unlink(missing_ok=True)
-            raise
-    return _finish(data, results, out, options, dupes)
-
-
-def prepare_output(out: Path, overwrite: bool) -> None:
-    """Create ``out`` and remove leftovers of interrupted runs (temp files, shards without a manifest).
-
-    Raises OutputExistsError when ``out`` holds a finished set and overwrite is false, and
-    NotADirectoryError when ``out`` is a file. A finished set is only replaced once the new one is
-    written (see ``_remove_old_set``), so a failed ``--overwrite`` run leaves the old set intact.
-    """
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"output {out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    finished = (out / MANIFEST_NAME).exists()
-    if finished and not overwrite:
-        raise OutputExistsError(f"{out} already holds a finished shard set ({out / MANIFEST_NAME}); "
-                                f"pass --overwrite to replace it")
-    for path in out.iterdir():
-        if (path.name.startswith(".") and ".tmp-" in path.name) or (not finished and _ours(path.name)):
-            path.unlink()
-
-
-def _ours(name: str) -> bool:
-    return bool(SHARD_PATTERN.match(name) or INDEX_PATTERN.match(name))
-
-
-def _remove_old_set(out: Path) -> None:
-    (out / MANIFEST_NAME).unlink(missing_ok=True)  # first: from here on the old set looks incomplete
-    for path in out.iterdir():
-        if _ours(path.name):
-            path.unlink()
+    staging = out.parent / f".{out.name}.new-{os.getpid()}"
+    swapping = False
+    try:
+        with _pool(workers) as pool:
+            digests = _digests(samples, pool)  # also probes every file header: bad files fail here
+            groups = [x.group for x in samples] if any(x.group is not None for x in samples) else None
+            if groups is None and len(set(digests)) < len(digests):
+                groups = digests  # splits made here keep byte-identical images together
+            splits = assign_splits([x.split for x in samples], [x.label for x in samples], groups,
+                                   seed=options.seed, val_fraction=options.val_fraction)
+            dupes = cross_split_duplicates(digests, splits)
+            dropped = set(dupes.drop) if options.dedupe else set()
+            if not options.dedupe:
+                dupes.dropped = 0
+            by_split = {s: [i for i in shuffled_members(splits, s, options.seed) if i not in dropped]
+                        for s in SPLIT_ORDER if s in splits}
+            staging.mkdir()
+            results = _write_all(data, samples, by_split, staging, options, pool)
+        stage("shards")
+        manifest = _finish(data, results, staging, options, dupes)
+        stage("manifest")
+        swapping = True
+        swap_in(staging, out, stage)
+    except BaseException:
+        if swapping:
+            recover_output(out)  # the new set is complete: finish the swap (or keep the old set)
+        else:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
 
 
 def _num_workers(workers: int | None, n: int) -> int:
@@ -224,33 +203,31 @@ def _digests(samples: list[Sample], pool) -> list[str]:
 
 
 def _write_all(data: SourceData, samples: list[Sample], by_split: dict[str, list[int]], out: Path,
-               options: WriteOptions, pool, temps: list) -> dict:
+               options: WriteOptions, pool) -> dict:
     total = sum(len(v) for v in by_split.values())
     results = {}
     with tqdm(total=total, desc=f"cass-shards {data.kind}", unit="img", disable=not options.progress) as bar:
         for split, order in by_split.items():
             tasks = [([_payload(samples[i]) for i in chunk], options.image) for chunk in _chunks(order)]
             converted = (r for chunk in pool.imap(_convert_task, tasks) for r in chunk)
-            results[split] = _write_split(split, order, samples, converted, out, options, temps, bar)
+            results[split] = _write_split(split, order, samples, converted, out, options, bar)
     return results
 
 
-def _write_split(split, order, samples, converted, out: Path, options: WriteOptions, temps: list, bar) -> dict:
+def _write_split(split, order, samples, converted, out: Path, options: WriteOptions, bar) -> dict:
     shards, keys, labels, sizes = [], [], [], set()
     stats, pixels = None, 0
     writer, fh, count = None, None, 0
     ext = options.image.format
     for pos, (i, (encoded, hw, image_stats)) in enumerate(zip(order, converted)):
         if writer is None:
-            name = f"{split}-{len(shards):06d}.tar"
-            tmp = out / f".{name}.tmp-{os.getpid()}"
-            temps.append((tmp, out / name))
-            fh = open(tmp, "wb")
-            writer = tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT)
+            path = out / f"{split}-{len(shards):06d}.tar"
+            fh = open(path, "wb")
+            # WebDataset layout; fixed owner, mode and mtime 0 so that the same input gives the same bytes.
+            writer = TarWriter(fh, encoder=False, mtime=0, user="bigdata", group="bigdata", mode=0o444)
         key = f"{split}-{pos:07d}"
         meta = {"label": samples[i].label, "source": samples[i].source}
-        _add(writer, f"{key}.{ext}", encoded)
-        _add(writer, f"{key}.json", json.dumps(meta).encode())
+        writer.write({"__key__": key, ext: encoded, "json": json.dumps(meta).encode()})
         keys.append(key)
         labels.append(samples[i].label)
         sizes.add(tuple(hw))
@@ -259,29 +236,17 @@ def _write_split(split, order, samples, converted, out: Path, options: WriteOpti
         count += 1
         bar.update(1)
         if count == options.shard_size or pos == len(order) - 1:
-            shards.append(_close(writer, fh, temps[-1], count))
+            shards.append(_close(writer, fh, path, count))
             writer, count = None, 0
     return {"shards": shards, "keys": keys, "labels": labels, "sizes": sizes, "stats": stats, "pixels": pixels}
 
 
-def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
-    # WebDataset layout; fixed owner, mode and mtime 0 so that the same input gives the same bytes.
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode, info.uname, info.gname = len(payload), 0, 0o444, "bigdata", "bigdata"
-    tar.addfile(info, io.BytesIO(payload))
-
-
-def _close(writer, fh, paths: tuple[Path, Path], count: int) -> ShardInfo:
+def _close(writer: TarWriter, fh, path: Path, count: int) -> ShardInfo:
     writer.close()  # writes the end-of-archive blocks; the file object stays ours
     fh.flush()
     os.fsync(fh.fileno())
     fh.close()
-    tmp, final = paths
-    digest = hashlib.sha256()
-    with open(tmp, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return ShardInfo(name=final.name, count=count, bytes=tmp.stat().st_size, sha256=digest.hexdigest())
+    return ShardInfo(name=path.name, count=count, bytes=path.stat().st_size, sha256=sha256_of(path))
 
 
 def _finish(data: SourceData, results: dict, out: Path, options: WriteOptions, dupes) -> Manifest:

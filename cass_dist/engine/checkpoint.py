@@ -62,7 +62,10 @@ class TrainState:
 
     global_step: int = 0  # optimizer steps taken (including skipped non-finite ones)
     epoch: int = 0
-    batch_in_epoch: int = 0  # micro-batches of ``epoch`` already consumed: the loader's start_batch
+    batch_in_epoch: int = 0  # micro-batches of ``epoch`` already consumed per process
+    # the data position in ``epoch``: global samples consumed and the loader layouts that consumed them
+    # (cass_dist.data.position); a resume on another number of processes goes on from it exactly
+    data_position: dict[str, Any] = field(default_factory=dict)
     nonfinite_steps: int = 0  # total steps skipped for a non-finite loss
     extra: dict[str, Any] = field(default_factory=dict)  # free space for other loops (fine-tuning: best metric...)
     fingerprint: dict[str, Any] = field(default_factory=dict)  # what gives the position meaning (engine/fingerprint.py)

@@ -183,18 +183,29 @@ def load_classifier(path: str | os.PathLike, manifest: Manifest | None = None) -
 
 
 @torch.no_grad()
-def evaluate_classifier(model: Classifier, accelerator, data_cfg: DownstreamDataSection, split: str) -> dict:
-    """Return compute_metrics over the whole ``split`` (every rank evaluates its share; gathered exactly)."""
-    loader = build_loader(data_cfg.shards, split, batch_size=data_cfg.eval_batch, train=False,
-                          rank=accelerator.process_index, world_size=accelerator.num_processes,
-                          num_workers=data_cfg.num_workers, image_size=data_cfg.image_size or None,
-                          transform="eval")
+def evaluate_classifier(model: Classifier, accelerator, data_cfg: DownstreamDataSection, split: str,
+                        loaders: dict | None = None) -> dict:
+    """Return compute_metrics over the whole ``split`` (every rank evaluates its share; gathered exactly).
+
+    ``loaders`` (a dict kept by the caller) keeps the split's loader, and its workers, for the next call.
+    """
+    loaders = {} if loaders is None else loaders
+    if split not in loaders:
+        loaders[split] = build_loader(
+            data_cfg.shards, split, batch_size=data_cfg.eval_batch, train=False, rank=accelerator.process_index,
+            world_size=accelerator.num_processes, num_workers=data_cfg.num_workers,
+            image_size=data_cfg.image_size or None, transform="eval", device=accelerator.device,
+            prefetch_factor=data_cfg.prefetch_factor, persistent_workers=data_cfg.persistent_workers,
+            decode=data_cfg.decode)
+    loader = loaders[split]
+    transform = loader.device_transform("eval")
     was_training = model.training
     model.eval()
     probs, labels, keys = [], [], []
     with accelerator.autocast():
         for batch in loader:
-            probs.append(model.probabilities(model(batch["image"].to(accelerator.device))))
+            images = transform(batch["image"].to(accelerator.device, non_blocking=True), seed=batch["seed"])[0]
+            probs.append(model.probabilities(model(images)))
             labels.append(batch["label"].to(accelerator.device))
             keys.extend(batch["key"])
     model.train(was_training)

@@ -19,7 +19,9 @@ from dataclasses import asdict
 import torch
 
 from cass_dist.configs.finetune import FinetuneConfig
-from cass_dist.data import build_loader, load_manifest
+from cass_dist.data import build_loader, data_position, load_manifest
+from cass_dist.data.augment import manifest_transform
+from cass_dist.data.health import SkipTracker, check_digests
 from cass_dist.data.manifest import Manifest, write_json_atomic
 from cass_dist.engine.checkpoint import TrainState
 from cass_dist.engine.classifier import (
@@ -93,14 +95,15 @@ def compute_loss(cfg: FinetuneConfig, manifest: Manifest, logits: dict[str, torc
     return sum(focal_loss(out, labels, task=manifest.task, alpha=alpha, gamma=gamma) for out in logits.values())
 
 
-def build_train_loader(cfg: FinetuneConfig, accelerator, epoch: int, start_batch: int):
-    """Return this rank's training loader (augmented, label fraction applied) for ``epoch``."""
+def build_train_loader(cfg: FinetuneConfig, accelerator, epoch: int, start_batch: int | dict):
+    """Return this rank's training loader (label fraction applied) from ``epoch`` on, resumed at ``start_batch``."""
     d = cfg.data
     return build_loader(d.shards, d.train_split, batch_size=d.batch_size, train=True,
                         rank=accelerator.process_index, world_size=accelerator.num_processes,
                         num_workers=d.num_workers, seed=cfg.run.seed, epoch=epoch, image_size=d.image_size or None,
                         label_fraction=d.label_fraction, fraction_seed=d.fraction_seed, transform=d.train_transform,
-                        start_batch=start_batch)
+                        start_batch=start_batch, device=accelerator.device, prefetch_factor=d.prefetch_factor,
+                        persistent_workers=d.persistent_workers, shuffle_buffer=d.shuffle_buffer, decode=d.decode)
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
@@ -125,6 +128,9 @@ def _train(cfg: FinetuneConfig, run: Run) -> dict:
     model, optimizer = acc.prepare(model, optimizer)
     state = run.resume(finetune_fingerprint(cfg, manifest, acc.num_processes))  # refuses a changed run
     track = state.extra.setdefault("early_stop", {"best": None, "best_step": 0, "bad_evals": 0, "done": False})
+    d = cfg.data
+    if d.verify_shards:
+        check_digests(d.shards, [d.train_split, d.val_split, d.test_split], accelerator=acc)
 
     batches_per_epoch = len(build_train_loader(cfg, acc, 0, 0))
     total_steps, _ = count_steps(batches_per_epoch, grad_accum_steps=accum, max_steps=cfg.run.max_steps,
@@ -132,18 +138,26 @@ def _train(cfg: FinetuneConfig, run: Run) -> dict:
     run.print(f"fine-tuning {cfg.model.branch} from {cfg.model.init} on {manifest.task} "
               f"({manifest.num_classes} classes, label fraction {cfg.data.label_fraction}): {total_steps} steps")
 
+    transform = manifest_transform(d.train_transform, manifest, image_size=d.image_size or None)
+
     def forward(batch: dict) -> dict:
-        logits = model(batch["image"].to(acc.device, non_blocking=True))
+        images = transform(batch["image"].to(acc.device, non_blocking=True), seed=batch["seed"])[0]
+        logits = model(images)
         return {"loss": compute_loss(cfg, manifest, logits, batch["label"].to(acc.device))}
 
     bad_in_a_row, loss_sum, loss_count = 0, torch.zeros((), device=acc.device), 0
     stopping = False  # agreed by all ranks (run.should_stop); run.stop_signal alone is per-process
+    skips = SkipTracker(manifest, d.shards, d.train_split, d.max_skipped_fraction, print_fn=run.print)
+    eval_loaders: dict = {}  # built once: their workers serve every validation
+    # One loader for the whole run: each iter() is the next epoch, served by the same workers.
+    loader = build_train_loader(cfg, acc, state.epoch, state.data_position or state.batch_in_epoch)
     while state.global_step < total_steps and not track["done"] and not stopping:
-        batches = iter(build_train_loader(cfg, acc, state.epoch, state.batch_in_epoch))
+        epoch_batches, batches, consumed = len(loader), iter(loader), 0
         model.train()
         while state.global_step < total_steps:
             window = list(itertools.islice(batches, accum))
-            if len(window) < accum:
+            if len(window) < accum:  # the loader ended before len() said: the epoch's end
+                state.epoch, state.batch_in_epoch, state.data_position = state.epoch + 1, 0, {}
                 break
             factors = lr_factors(cfg, state.global_step, total_steps)
             set_lrs(optimizer, [lr * factors[part] for lr, part in zip(base_lrs, parts)], 1.0)
@@ -154,9 +168,11 @@ def _train(cfg: FinetuneConfig, run: Run) -> dict:
                 loss_count += len(window)
             state.global_step += 1
             state.batch_in_epoch += accum
-            epoch_done = state.batch_in_epoch + accum > batches_per_epoch
+            consumed += accum
+            state.data_position = data_position(loader, consumed)  # in global samples: any layout resumes it
+            epoch_done = consumed + accum > epoch_batches
             if epoch_done:
-                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                state.epoch, state.batch_in_epoch, state.data_position = state.epoch + 1, 0, {}
             bad_in_a_row = 0 if finite else bad_in_a_row + 1
             state.nonfinite_steps += 0 if finite else 1
             if bad_in_a_row >= cfg.run.max_nonfinite_steps:
@@ -166,13 +182,13 @@ def _train(cfg: FinetuneConfig, run: Run) -> dict:
             if state.global_step % cfg.run.log_every == 0 and loss_count:
                 train_loss = float(acc.reduce(loss_sum, "mean")) / loss_count
                 run.log(state.global_step, {"train_loss": train_loss, "lr": optimizer.param_groups[-1]["lr"],
-                                            "epoch": state.epoch})
+                                            "epoch": state.epoch, "skipped_samples": skips.check(loader, acc, state.epoch)})
                 loss_sum.zero_()
                 loss_count = 0
             last = state.global_step == total_steps
             if (stop.eval_every and state.global_step % stop.eval_every == 0) or \
                     (not stop.eval_every and epoch_done) or last:
-                _validate(cfg, run, model, manifest, state, track)
+                _validate(cfg, run, model, manifest, state, track, loaders=eval_loaders)
                 run.save(state)
                 model.train()
             stopping = run.should_stop()
@@ -184,13 +200,17 @@ def _train(cfg: FinetuneConfig, run: Run) -> dict:
         return {}
     if track["best"] is None:  # the metric was never defined (NaN): keep the last model as the best
         _save_best(cfg, run, model, manifest, state, math.nan)
-    return _finish(cfg, run, manifest, state, track)
+    skips.check(loader, acc, state.epoch)
+    if skips.total:
+        run.print(skips.describe())
+    return _finish(cfg, run, manifest, state, track, loaders=eval_loaders)
 
 
-def _validate(cfg: FinetuneConfig, run: Run, model, manifest: Manifest, state: TrainState, track: dict) -> None:
+def _validate(cfg: FinetuneConfig, run: Run, model, manifest: Manifest, state: TrainState, track: dict,
+              loaders: dict | None = None) -> None:
     """Score val, log it, keep ``best/`` on improvement and count evaluations without one."""
     acc, stop = run.accelerator, cfg.early_stop
-    metrics = evaluate_classifier(acc.unwrap_model(model), acc, cfg.data, cfg.data.val_split)
+    metrics = evaluate_classifier(acc.unwrap_model(model), acc, cfg.data, cfg.data.val_split, loaders=loaders)
     value = metrics[stop.metric]
     run.log(state.global_step, {f"val_{k}": v for k, v in metrics.items() if isinstance(v, float)})
     improved = not math.isnan(value) and (track["best"] is None or value > track["best"] + stop.min_delta)
@@ -218,12 +238,13 @@ def _save_best(cfg: FinetuneConfig, run: Run, model, manifest: Manifest, state: 
     acc.wait_for_everyone()
 
 
-def _finish(cfg: FinetuneConfig, run: Run, manifest: Manifest, state: TrainState, track: dict) -> dict:
+def _finish(cfg: FinetuneConfig, run: Run, manifest: Manifest, state: TrainState, track: dict,
+            loaders: dict | None = None) -> dict:
     """Evaluate ``best/`` on val and test, write metrics.json and the plots; return the metrics."""
     acc = run.accelerator
     best = load_classifier(run.dir / BEST_DIR, manifest).to(acc.device)
-    val = evaluate_classifier(best, acc, cfg.data, cfg.data.val_split)
-    test = evaluate_classifier(best, acc, cfg.data, cfg.data.test_split)
+    val = evaluate_classifier(best, acc, cfg.data, cfg.data.val_split, loaders=loaders)
+    test = evaluate_classifier(best, acc, cfg.data, cfg.data.test_split, loaders=loaders)
     result = {
         "kind": "finetune", "dataset": dataset_name(manifest, cfg.data.shards), "task": manifest.task,
         "init": cfg.model.init, "branch": cfg.model.branch, "label_fraction": cfg.data.label_fraction,

@@ -21,7 +21,9 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from cass_dist.configs.pretrain import OptimSection, PretrainConfig
-from cass_dist.data import build_loader, load_manifest
+from cass_dist.data import build_loader, data_position, load_manifest
+from cass_dist.data.augment import manifest_transform
+from cass_dist.data.health import SkipTracker, check_digests
 from cass_dist.data.manifest import Manifest, write_json_atomic
 from cass_dist.engine.checkpoint import find_latest
 from cass_dist.engine.fingerprint import pretrain_fingerprint
@@ -88,13 +90,15 @@ def build_optimizer(cfg: OptimSection, model: CASSPretrainer) -> torch.optim.Opt
     return cls(groups, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
-def build_train_loader(cfg: PretrainConfig, accelerator, epoch: int, start_batch: int) -> Iterable[dict]:
-    """Return this rank's training loader for ``epoch``, starting at micro-batch ``start_batch``."""
+def build_train_loader(cfg: PretrainConfig, accelerator, epoch: int, start_batch: int | dict) -> Iterable[dict]:
+    """Return this rank's training loader from ``epoch`` on, resumed at ``start_batch`` (a count or a position)."""
     d = cfg.data
     return build_loader(d.shards, d.train_split, batch_size=d.batch_size, train=True,
                         rank=accelerator.process_index, world_size=accelerator.num_processes,
                         num_workers=d.num_workers, seed=cfg.run.seed, epoch=epoch, image_size=d.image_size,
-                        transform=d.transform, start_batch=start_batch, views=d.views)
+                        transform=d.transform, start_batch=start_batch, views=d.views, device=accelerator.device,
+                        prefetch_factor=d.prefetch_factor, persistent_workers=d.persistent_workers,
+                        shuffle_buffer=d.shuffle_buffer, decode=d.decode)
 
 
 def pretrain(cfg: PretrainConfig, *, make_loader: LoaderFactory = build_train_loader) -> PretrainSummary:
@@ -122,9 +126,13 @@ def _train(cfg: PretrainConfig, run: Run, manifest: Manifest, make_loader: Loade
     branch_of_group = [g["name"] for g in optimizer.param_groups]
     model, optimizer = acc.prepare(model, optimizer)
     state = run.resume(pretrain_fingerprint(cfg, manifest, acc.num_processes))  # refuses a changed run
+    if cfg.data.verify_shards:
+        check_digests(cfg.data.shards, [cfg.data.train_split, cfg.data.val_split], accelerator=acc)
 
     loader = make_loader(cfg, acc, state.epoch, 0)
     batches_per_epoch = len(loader)
+    if state.data_position or state.batch_in_epoch:  # mid-epoch: go on from the saved position
+        loader = make_loader(cfg, acc, state.epoch, state.data_position or state.batch_in_epoch)
     total_steps, steps_per_epoch = count_steps(batches_per_epoch, grad_accum_steps=accum, max_steps=cfg.run.max_steps,
                                                epochs=cfg.run.epochs, split=cfg.data.train_split)
     run.print(f"{type(acc.unwrap_model(model).model.cnn).__name__} + {type(acc.unwrap_model(model).model.vit).__name__},"
@@ -138,10 +146,12 @@ def _train(cfg: PretrainConfig, run: Run, manifest: Manifest, make_loader: Loade
                   + summary.describe())
         return summary
 
+    transform = manifest_transform(cfg.data.transform, manifest, image_size=cfg.data.image_size, views=cfg.data.views)
+
     def forward(batch: dict) -> dict:
-        images = batch["image"].to(acc.device, non_blocking=True)
-        # [B, 2, C, H, W] with data.views=2: the CNN gets the first view, the ViT the second
-        cnn_images, vit_images = images.unbind(1) if images.ndim == 5 else (images, images)
+        # uint8 off the loader, augmented on the device; data.views=2: the CNN gets the first view, the ViT the second
+        views = transform(batch["image"].to(acc.device, non_blocking=True), seed=batch["seed"])
+        cnn_images, vit_images = views[0], views[-1]
         if cfg.model.channels_last:
             cnn_images = cnn_images.contiguous(memory_format=torch.channels_last)
         return model(cnn_images, vit_images)
@@ -150,15 +160,17 @@ def _train(cfg: PretrainConfig, run: Run, manifest: Manifest, make_loader: Loade
     progress = tqdm(total=total_steps, initial=state.global_step, disable=not run.is_main, desc="pretrain")
     window_loss = torch.zeros((), device=acc.device)
     stats = {"cnn": {}, "vit": {}}
-    images_seen, data_time, bad_in_a_row, last_loss, skipped_before = 0, 0.0, 0, float("nan"), 0
+    images_seen, data_time, bad_in_a_row, last_loss = 0, 0.0, 0, float("nan")
+    skips = SkipTracker(manifest, cfg.data.shards, cfg.data.train_split, cfg.data.max_skipped_fraction,
+                        print_fn=run.print)
+    knn_loaders: dict = {}  # built once: their workers serve every kNN evaluation
     train_start = log_start = time.perf_counter()
     log_images, log_steps = 0, 0
     checkpoint, saved_step, stopping = "", -1, False
     paused = log_paused = 0.0
     while state.global_step < total_steps and not stopping:
-        if state.batch_in_epoch or loader is None:
-            loader = make_loader(cfg, acc, state.epoch, state.batch_in_epoch)
-        batches = iter(loader)
+        # One loader for the whole run: each iter() is the next epoch, served by the same workers.
+        epoch_batches, batches, consumed = len(loader), iter(loader), 0
         while state.global_step < total_steps:
             # ---- one optimizer step: a window of `accum` micro-batches
             # Reseed from (seed, step, rank): augmentations and dropout then depend on nothing that came
@@ -168,7 +180,7 @@ def _train(cfg: PretrainConfig, run: Run, manifest: Manifest, make_loader: Loade
             window = list(itertools.islice(batches, accum))
             data_time += time.perf_counter() - t0
             if len(window) < accum:  # the loader ended before len() said: treat it as the epoch's end
-                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                state.epoch, state.batch_in_epoch, state.data_position = state.epoch + 1, 0, {}
                 break
             set_lrs(optimizer, base_lrs,
                     lr_factor(state.global_step, total_steps, cfg.run.warmup_steps, cfg.run.min_lr_ratio))
@@ -180,8 +192,10 @@ def _train(cfg: PretrainConfig, run: Run, manifest: Manifest, make_loader: Loade
             log_images += window_images
             state.global_step += 1
             state.batch_in_epoch += accum
-            if state.batch_in_epoch + accum > batches_per_epoch:
-                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            consumed += accum
+            state.data_position = data_position(loader, consumed)  # in global samples: any layout resumes it
+            if consumed + accum > epoch_batches:
+                state.epoch, state.batch_in_epoch, state.data_position = state.epoch + 1, 0, {}
             progress.update(1)
 
             # ---- robustness: skip non-finite steps, give up after too many in a row
@@ -206,8 +220,7 @@ def _train(cfg: PretrainConfig, run: Run, manifest: Manifest, make_loader: Loade
                 metrics = {"loss": last_loss, "images_per_sec": log_images / elapsed,
                            "data_wait_frac": data_time / elapsed, "epoch": state.epoch,
                            "nonfinite_steps": state.nonfinite_steps,
-                           "skipped_samples": int(acc.reduce(torch.tensor(skipped_before + _skipped(loader),
-                                                                          device=acc.device), "sum"))}
+                           "skipped_samples": skips.check(loader, acc, state.epoch)}
                 metrics.update({k: float(v) for k, v in out.items()
                                 if k not in ("loss", "z_cnn", "z_vit") and torch.is_tensor(v) and v.numel() == 1})
                 for group, name in zip(optimizer.param_groups, branch_of_group):
@@ -229,7 +242,8 @@ def _train(cfg: PretrainConfig, run: Run, manifest: Manifest, make_loader: Loade
 
             t0 = time.perf_counter()  # evaluation and checkpoints do not count against images/s
             if cfg.monitor.knn_every and state.global_step % cfg.monitor.knn_every == 0:
-                run.log(state.global_step, knn_accuracy(cfg, acc, acc.unwrap_model(model).model, manifest))
+                run.log(state.global_step, knn_accuracy(cfg, acc, acc.unwrap_model(model).model, manifest,
+                                                        loaders=knn_loaders))
             if cfg.run.save_every and state.global_step % cfg.run.save_every == 0:
                 checkpoint, saved_step = str(run.save(state)), state.global_step
             paused += time.perf_counter() - t0
@@ -238,9 +252,7 @@ def _train(cfg: PretrainConfig, run: Run, manifest: Manifest, make_loader: Loade
                 run.print(f"stop requested ({run.stop_signal}) at step {state.global_step}: checkpointing")
                 break
             if state.batch_in_epoch == 0:
-                break  # epoch done: the next epoch gets a freshly shuffled loader
-        skipped_before += _skipped(loader)
-        loader = None
+                break  # epoch done: the loader's next iter() is the next, freshly shuffled epoch
 
     # ---- the end: a final checkpoint (unless this very step was just saved), exports, summary
     progress.close()
@@ -259,17 +271,12 @@ def _train(cfg: PretrainConfig, run: Run, manifest: Manifest, make_loader: Loade
         steps=state.global_step, images_per_sec=images_seen / max(train_time, 1e-9), final_loss=last_loss,
         embed_std_cnn=stats["cnn"].get("std", float("nan")), embed_std_vit=stats["vit"].get("std", float("nan")),
         nonfinite_steps=state.nonfinite_steps, checkpoint=checkpoint,
-        skipped_samples=int(acc.reduce(torch.tensor(skipped_before, device=acc.device), "sum")),
+        skipped_samples=skips.check(loader, acc, state.epoch),
         export_dir=export_dir, stopped_by=(run.stop_signal or "peer") if stopping else "")
     if run.is_main:
         write_json_atomic(run.dir / "summary.json", asdict(summary))
-        run.print("summary:\n" + summary.describe())
+        run.print("summary:\n" + summary.describe() + (f"\n{skips.describe()}" if skips.total else ""))
     return summary
-
-
-def _skipped(loader) -> int:
-    """Corrupted samples the loader skipped on this rank (0 for loaders that do not count)."""
-    return int(loader.skipped()) if hasattr(loader, "skipped") else 0
 
 
 class _BothFeatures(torch.nn.Module):
@@ -284,25 +291,33 @@ class _BothFeatures(torch.nn.Module):
 
 
 @torch.no_grad()
-def knn_accuracy(cfg: PretrainConfig, accelerator, cass: CASS, manifest: Manifest) -> dict[str, float]:
+def knn_accuracy(cfg: PretrainConfig, accelerator, cass: CASS, manifest: Manifest,
+                 loaders: dict | None = None) -> dict[str, float]:
     """Return ``{"knn_acc_cnn", "knn_acc_vit"}``: weighted kNN on the val split over a train-split bank.
 
     Returns {} when the shard set has no val split or only multi-label targets. Call on every rank.
+    ``loaders`` (a dict kept by the caller) keeps the evaluation loaders, and their workers, for the next call.
     """
     d = cfg.data
     if d.val_split not in manifest.splits or manifest.task == "multi-label":
         return {}
+    loaders = {} if loaders is None else loaders
 
     def loader(split: str):
-        return build_loader(d.shards, split, batch_size=d.batch_size, train=False, rank=accelerator.process_index,
-                            world_size=accelerator.num_processes, num_workers=d.num_workers,
-                            image_size=d.image_size, transform="eval")
+        if split not in loaders:
+            loaders[split] = build_loader(
+                d.shards, split, batch_size=d.batch_size, train=False, rank=accelerator.process_index,
+                world_size=accelerator.num_processes, num_workers=d.num_workers, image_size=d.image_size,
+                transform="eval", device=accelerator.device, prefetch_factor=d.prefetch_factor,
+                persistent_workers=d.persistent_workers, decode=d.decode)
+        return loaders[split]
 
     bank_batches = math.ceil(cfg.monitor.knn_max_train / (d.batch_size * accelerator.num_processes))
     both = _BothFeatures(cass)
+    transform = manifest_transform("eval", manifest, image_size=d.image_size)
     bank, bank_labels, _ = extract_features(both, itertools.islice(loader(d.train_split), bank_batches),
-                                            accelerator=accelerator)
-    query, query_labels, _ = extract_features(both, loader(d.val_split), accelerator=accelerator)
+                                            accelerator=accelerator, transform=transform)
+    query, query_labels, _ = extract_features(both, loader(d.val_split), accelerator=accelerator, transform=transform)
     split_at = cass.cnn.num_features
     out = {}
     for branch, cols in (("cnn", slice(0, split_at)), ("vit", slice(split_at, None))):

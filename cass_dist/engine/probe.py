@@ -53,15 +53,20 @@ def extract_features(
     *,
     accelerator=None,
     device: torch.device | str | None = None,
+    transform=None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Run a frozen backbone over an evaluation loader and gather the result from all ranks.
 
+    ``transform`` is the device transform of the loader's uint8 batches (default: the loader's own
+    ``device_transform("eval")``); float batches of other loaders are used as they come.
     Returns ``(features, labels, keys)`` on CPU, sorted by key, covering the whole split: features
     are float32 N x D, labels int64 N or float32 N x C. Raises ValueError when no rank saw a sample.
     """
     if device is None:
         param = next(model.parameters(), None)
         device = accelerator.device if accelerator is not None else (param.device if param is not None else "cpu")
+    if transform is None and hasattr(loader, "device_transform"):
+        transform = loader.device_transform("eval")
     was_training = model.training
     model.eval()
     feats, labels, keys = [], [], []
@@ -69,6 +74,10 @@ def extract_features(
     with autocast:
         for batch in loader:
             images = batch["image"].to(device, non_blocking=True)
+            if images.dtype == torch.uint8:
+                if transform is None:
+                    raise ValueError("extract_features: uint8 batches need a device transform (transform=...)")
+                images = transform(images, seed=batch.get("seed", 0))[0]
             feats.append(backbone_features(model, images).float())
             labels.append(batch["label"].to(device))
             keys.extend(batch["key"])
@@ -245,7 +254,8 @@ def _probe_branch(backbone, accelerator, cfg, manifest) -> tuple[torch.Tensor, t
         loader = build_loader(d.shards, split, batch_size=d.eval_batch, train=False,
                               rank=accelerator.process_index, world_size=accelerator.num_processes,
                               num_workers=d.num_workers, image_size=d.image_size or None, transform="eval",
-                              label_fraction=fraction, fraction_seed=d.fraction_seed)
+                              label_fraction=fraction, fraction_seed=d.fraction_seed, device=accelerator.device,
+                              prefetch_factor=d.prefetch_factor, decode=d.decode)
         return extract_features(backbone, loader, accelerator=accelerator)
 
     train_feats, train_labels, _ = features(d.train_split, d.label_fraction)

@@ -74,3 +74,20 @@ def test_module_entry_point_runs(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert json.loads((out / "manifest.json").read_text())["splits"]["train"]["count"] == 24
+
+
+def test_exact_size_raw_shards_and_adopt_from_the_command_line(tmp_path, capsys):
+    out = tmp_path / "raw"
+    args = ["synthetic", "--num-images", "30", "--image-size", "20", "--shard-size", "10", "--out", str(out)]
+    assert main(args + QUIET + ["--format", "npy", "--resize", "12x16"]) == 0
+    manifest = load_manifest(out)
+    assert (manifest.image.format, manifest.image.size) == ("npy", [12, 16])
+    assert main(["verify", str(out)]) == 0
+    for bad in ("0x3", "12x", "big"):
+        assert main(args + QUIET + ["--resize", bad]) == 2
+        assert "--resize" in capsys.readouterr().err
+    assert main(["adopt", str(tmp_path / "nowhere"), "--split", "train=*.tar", "--classes", "a,b"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no shard matches" in err
+    assert main(["adopt", str(out), "--split", "train", "--classes", "a,b"]) == 2
+    assert "NAME=GLOB" in capsys.readouterr().err

@@ -116,46 +116,38 @@ def test_resume_at_batch_k_continues_the_same_stream(shards, num_workers):
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_augmentations_are_a_function_of_stream_position(shards, num_workers):
-    """A resumed loader augments each sample exactly as the straight run did, whatever the global RNG."""
-    def images(start, torch_seed):
+    """A resumed run augments each batch exactly as the straight run did, whatever the global RNG."""
+    def views(start, torch_seed):
         torch.manual_seed(torch_seed)
         loader = build_loader(shards, "train", batch_size=6, train=True, num_workers=num_workers,
-                              seed=3, epoch=1, start_batch=start, transform="pretrain", image_size=16)
-        return [batch["image"] for batch in loader]
-    full = images(0, torch_seed=0)
-    resumed = images(4, torch_seed=123)
+                              seed=3, epoch=1, start_batch=start, transform="pretrain", views=2)
+        transform = loader.device_transform()  # the default path: the paper's augmentation, two views
+        return [transform(batch["image"], seed=batch["seed"]) for batch in loader]
+    full = views(0, torch_seed=0)
+    resumed = views(4, torch_seed=123)
     assert len(resumed) == len(full) - 4
     for a, b in zip(full[4:], resumed):
-        assert torch.equal(a, b)
-    other_epoch = build_loader(shards, "train", batch_size=6, train=True, seed=3, epoch=2,
-                               transform="pretrain", image_size=16)
-    assert not torch.equal(next(iter(other_epoch))["image"], full[0])
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    other_epoch = build_loader(shards, "train", batch_size=6, train=True, seed=3, epoch=2)
+    assert next(iter(other_epoch))["seed"] != next(iter(build_loader(shards, "train", batch_size=6, train=True,
+                                                                   seed=3, epoch=1)))["seed"]
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_two_views_are_independent_augmentations_of_the_same_sample(shards, num_workers):
-    def batches(views, transform, start=0):
-        return [b["image"] for b in build_loader(shards, "train", batch_size=6, train=True, num_workers=num_workers,
-                                                 seed=3, views=views, transform=transform, image_size=16,
-                                                 start_batch=start)]
-    plain = batches(1, "eval")
-    paired = batches(2, "eval")  # a deterministic transform: both views equal the single view
-    assert paired[0].shape == (6, 2, 3, 16, 16) and paired[0].dtype == torch.float32
-    for one, two in zip(plain, paired, strict=True):
-        assert torch.equal(two[:, 0], one) and torch.equal(two[:, 1], one)
-    augmented = batches(2, "ssl")
-    differ = [not torch.equal(b[i, 0], b[i, 1]) for b in augmented for i in range(len(b))]
-    assert sum(differ) > 0.9 * len(differ)
-    for a, b in zip(augmented[3:], batches(2, "ssl", start=3), strict=True):  # resume stays exact
-        assert torch.equal(a, b)
-    with pytest.raises(ValueError, match="views must be >= 1"):
-        build_loader(shards, "train", batch_size=6, train=True, views=0)
+def test_batches_leave_the_workers_as_uint8_at_the_training_size(shards, num_workers, shard_reader):
+    stored = {s["key"]: s["image"] for s in shard_reader(shards, "test")}
+    for batch in build_loader(shards, "test", batch_size=7, train=False, num_workers=num_workers):
+        assert batch["image"].dtype == torch.uint8 and batch["image"].shape[1:] == (3, 16, 16)
+        for key, image in zip(batch["key"], batch["image"]):
+            assert np.array_equal(image.permute(1, 2, 0).numpy(), stored[key])  # PNG: the exact pixels
+    resized = next(iter(build_loader(shards, "test", batch_size=4, train=False, image_size=(12, 10))))
+    assert resized["image"].shape == (4, 3, 12, 10) and resized["image"].dtype == torch.uint8
 
 
 def test_resume_does_not_decode_skipped_samples(shards, monkeypatch):
     calls = []
-    real = reader_module.decode_image
-    monkeypatch.setattr(reader_module, "decode_image", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = reader_module.load_image
+    monkeypatch.setattr(reader_module, "load_image", lambda *a, **k: calls.append(1) or real(*a, **k))
     loader = build_loader(shards, "train", batch_size=8, train=True, start_batch=15)
     batches = list(loader)
     assert len(batches) == 168 // 8 - 15
@@ -178,20 +170,26 @@ def test_label_fraction_keeps_the_selected_subset_on_every_rank(shards):
     assert sorted(evaluated) == sorted(chosen)
 
 
-def test_batches_are_normalised_float_with_manifest_stats(shards):
+def test_the_device_transform_normalises_with_the_manifest_stats(shards):
     manifest = load_manifest(shards)
-    batch = next(iter(build_loader(shards, "test", batch_size=48, train=False)))
-    assert batch["image"].dtype == torch.float32 and batch["image"].shape == (48, 3, 16, 16)
+    loader = build_loader(shards, "test", batch_size=48, train=False)
+    batch = next(iter(loader))
+    [image] = loader.device_transform()(batch["image"], seed=batch["seed"])
+    assert image.dtype == torch.float32 and image.shape == (48, 3, 16, 16)
     assert batch["label"].dtype == torch.int64
-    mean = batch["image"].mean(dim=(0, 2, 3)).numpy() * np.array(manifest.image.std) + manifest.image.mean
+    mean = image.mean(dim=(0, 2, 3)).numpy() * np.array(manifest.image.std) + manifest.image.mean
     assert np.allclose(mean, manifest.image.mean, atol=0.08)  # test-split mean is near the train mean
 
 
 def test_grayscale_sets_expand_to_three_channels_unless_asked(tmp_path):
     build_synthetic(tmp_path / "l", num_images=30, image_size=16, num_classes=2, shard_size=10, mode="L",
                     num_workers=0)
-    three = next(iter(build_loader(tmp_path / "l", "train", batch_size=4, train=False)))["image"]
-    one = next(iter(build_loader(tmp_path / "l", "train", batch_size=4, train=False, channels=None)))["image"]
+    loader = build_loader(tmp_path / "l", "train", batch_size=4, train=False)
+    batch = next(iter(loader))
+    assert batch["image"].shape == (4, 1, 16, 16)  # the stored channel crosses the worker boundary
+    [three] = loader.device_transform()(batch["image"], seed=0)
+    [one] = build_loader(tmp_path / "l", "train", batch_size=4, train=False, channels=None).device_transform()(
+        batch["image"], seed=0)
     assert three.shape[1] == 3 and one.shape[1] == 1
     assert torch.equal(three[:, 0], one[:, 0]) and torch.equal(three[:, 2], one[:, 0])
 

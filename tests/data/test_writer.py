@@ -1,6 +1,8 @@
 """Shard writing: manifest contents, statistics, determinism, atomicity, overwrite, dedupe, verify."""
 
 import json
+import multiprocessing
+import os
 import shutil
 import tarfile
 
@@ -13,7 +15,7 @@ from cass_dist.data.sources import Sample, SourceData, read_folder
 from cass_dist.data.splits import class_weights
 from cass_dist.data.synthetic import build_synthetic, synthetic_source
 from cass_dist.data.verify import verify_shards
-from cass_dist.data.writer import OutputExistsError, WriteOptions, write_shards
+from cass_dist.data.writer import STAGES, OutputExistsError, WriteOptions, recover_output, write_shards
 
 FAST = dict(workers=0, progress=False)
 
@@ -80,7 +82,7 @@ def test_truncated_image_mid_conversion_leaves_nothing(tmp_path, folder_maker):
     (tmp_path / "d/b/img (3).png").write_bytes(whole[: len(whole) // 2])  # header fine, pixels cut
     with pytest.raises(images.ImageError, match=r"img \(3\).png: cannot decode"):
         write_shards(read_folder(tmp_path / "d"), tmp_path / "out", WriteOptions(shard_size=2, **FAST))
-    assert list((tmp_path / "out").iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # no output, no half-built set beside it
 
 
 def test_interrupted_run_leaves_nothing_complete_and_rerun_cleans(tmp_path, monkeypatch):
@@ -197,3 +199,83 @@ def test_verify_finds_truncated_missing_and_stray_shards(damaged):
 
 def test_verify_without_manifest(tmp_path):
     assert "manifest.json not found" in verify_shards(tmp_path)[0]
+
+
+def _write_and_die(data, out, stage, exchange):
+    """Child process: overwrite ``out`` and die like a SIGKILL (no cleanup) when the writer reaches ``stage``."""
+    from cass_dist.data import output, writer
+
+    if not exchange:
+        output._exchange = lambda a, b: False  # the two-rename path (file systems without RENAME_EXCHANGE)
+
+    def hook(name):
+        if name == stage:
+            os._exit(9)
+    writer.write_shards(data, out, WriteOptions(shard_size=10, overwrite=True, **FAST), on_stage=hook)
+    os._exit(0)
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+@pytest.mark.parametrize("stage", STAGES)
+def test_overwrite_killed_at_any_stage_leaves_the_old_set_or_the_new_one(tmp_path, stage, exchange):
+    out = tmp_path / "out"
+    old = write_shards(synthetic_source(num_images=30, image_size=8, seed=1), out, WriteOptions(**FAST))
+    (out / "NOTES.txt").write_text("the user's own file")
+    new_data = synthetic_source(num_images=40, image_size=8, seed=2)
+    new = write_shards(new_data, tmp_path / "reference", WriteOptions(shard_size=10, **FAST))
+
+    child = multiprocessing.get_context("fork").Process(target=_write_and_die, args=(new_data, out, stage, exchange))
+    child.start()
+    child.join(60)
+    reached = stage != "old-moved" or not exchange  # one atomic exchange has no "old moved" moment
+    assert child.exitcode == (9 if reached else 0)
+    if (out / "manifest.json").exists():  # right after the kill: a complete set is in place ...
+        assert load_manifest(out) in (old, new) and verify_shards(out) == []
+    else:  # ... except between the two fallback renames, where both sets wait, complete, beside it
+        assert stage == "old-moved" and not exchange
+        beside = [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+        assert sorted(load_manifest(p) == new for p in beside) == [False, True]
+
+    recover_output(out)  # what any later run does first
+    assert load_manifest(out) == (old if stage in ("shards", "manifest") else new)
+    assert verify_shards(out) == []
+    assert (out / "NOTES.txt").read_text() == "the user's own file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "reference"]  # nothing stale is left
+
+
+def test_a_write_without_overwrite_cleans_what_a_killed_run_left(tmp_path):
+    out = tmp_path / "out"
+    write_shards(synthetic_source(num_images=30, image_size=8), out, WriteOptions(**FAST))
+    (tmp_path / ".out.new-4242").mkdir()  # a half-built set of a killed run, and a stale temp file
+    (tmp_path / ".out.new-4242" / "train-000000.tar").write_bytes(b"half")
+    (out / ".index-train.json.tmp-4242").write_text("{")
+    with pytest.raises(OutputExistsError):
+        write_shards(synthetic_source(num_images=30, image_size=8), out, WriteOptions(**FAST))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert not (out / ".index-train.json.tmp-4242").exists() and verify_shards(out) == []
+
+
+def test_shards_written_at_the_training_size_and_as_raw_pixels(tmp_path, folder_maker):
+    from cass_dist.data.transforms import decode_image
+
+    folder_maker(tmp_path / "d", {"a": 6, "b": 6}, size=(40, 60))
+    for fmt in ("jpg", "npy"):
+        options = WriteOptions(image=images.ImageOptions(format=fmt, resize=[24, 20]), **FAST)
+        manifest = write_shards(read_folder(tmp_path / "d"), tmp_path / fmt, options)
+        assert manifest.image.size == [24, 20] and manifest.image.format == fmt and manifest.format_version == 2
+        assert verify_shards(tmp_path / fmt) == []
+        with tarfile.open(tmp_path / fmt / manifest.splits["train"].shards[0].name) as tar:
+            member = next(m for m in tar if m.name.endswith(f".{fmt}"))
+            assert decode_image(tar.extractfile(member).read(), "RGB").shape == (3, 24, 20)
+    raw = load_manifest(tmp_path / "npy").splits["train"].shards[0]
+    assert raw.bytes > 24 * 20 * 3 * raw.count  # what raw pixels cost on disk: every byte of every image
+
+
+def test_the_same_input_gives_the_same_shard_bytes_through_tarwriter(tmp_path):
+    data = synthetic_source(num_images=60, image_size=8)
+    a = write_shards(data, tmp_path / "a", WriteOptions(shard_size=20, **FAST))
+    b = write_shards(data, tmp_path / "b", WriteOptions(shard_size=20, **FAST))
+    assert [s.sha256 for s in a.splits["train"].shards] == [s.sha256 for s in b.splits["train"].shards]
+    with tarfile.open(tmp_path / "a" / a.splits["train"].shards[0].name) as tar:
+        members = tar.getmembers()
+    assert {(m.mtime, m.uname, m.mode) for m in members} == {(0, "bigdata", 0o444)}

@@ -27,7 +27,7 @@ def finetune_args(shards, out, *extra: str) -> list[str]:
 def test_label_fraction_reaches_the_loader(syn_shards):
     cfg = parse_finetune_config(finetune_args(syn_shards, "unused", "--label-fraction", "0.25",
                                               "--data.fraction_seed", "3", "--batch-size", "1"))
-    single = SimpleNamespace(process_index=0, num_processes=1)
+    single = SimpleNamespace(process_index=0, num_processes=1, device="cpu")
     keys = [k for batch in build_train_loader(cfg, single, 0, 0) for k in batch["key"]]
     manifest = load_manifest(syn_shards)
     index = read_split_index(syn_shards, manifest, "train")

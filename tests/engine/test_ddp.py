@@ -36,7 +36,7 @@ class MergedRanks:
     def __iter__(self):
         for parts in zip(*self.loaders):
             yield {"image": torch.cat([p["image"] for p in parts]), "label": torch.cat([p["label"] for p in parts]),
-                   "key": [k for p in parts for k in p["key"]]}
+                   "key": [k for p in parts for k in p["key"]], "seed": parts[0]["seed"]}
 
 
 def merged_ranks_loader(cfg, accelerator, epoch, start_batch):
