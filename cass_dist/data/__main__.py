@@ -77,15 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=6, help="learnable pattern classes")
     _common(p, shard_size=500)
 
-    p = sub.add_parser("adopt", formatter_class=SHOW_DEFAULTS, help="describe existing WebDataset shards: write their indexes and manifest.json")
+    p = sub.add_parser("adopt", formatter_class=SHOW_DEFAULTS,
+                       help="describe existing WebDataset shards: write their indexes and manifest.json")
     p.add_argument("dir", help="directory holding the tars (they are read, never changed)")
     p.add_argument("--split", action="append", required=True, metavar="NAME=GLOB",
                    help="a split and the tars that hold it, e.g. train='train-*.tar' (repeat per split)")
     p.add_argument("--classes", required=True, help="class names in id order: a,b,c or a JSON list")
-    p.add_argument("--task", choices=("multi-class", "binary", "multi-label"), default="multi-class")
+    p.add_argument("--task", choices=("multi-class", "binary", "multi-label"), default="multi-class",
+                   help="what the labels are: one class id, a binary label, or a 0/1 vector per sample")
     p.add_argument("--mode", choices=("RGB", "L"), default="RGB", help="colour mode the images are read in")
 
-    p = sub.add_parser("verify", formatter_class=SHOW_DEFAULTS, help="re-read every shard and check it against the manifest")
+    p = sub.add_parser("verify", formatter_class=SHOW_DEFAULTS,
+                       help="re-read every shard and check it against the manifest")
     p.add_argument("dir", nargs="?", help="shard directory (or give --out)")
     p.add_argument("--out", default=None, help="same as DIR")
     p.add_argument("--no-decode", action="store_true", help="skip decoding the images")
