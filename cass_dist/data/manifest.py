@@ -163,8 +163,8 @@ def load_manifest(shard_dir: str | os.PathLike) -> Manifest:
     return Manifest.from_dict(data, origin=str(path))
 
 
-class _FieldTypeError(Exception):
-    pass
+class _FieldTypeError(CassError, ValueError):
+    """A manifest field of the wrong type; ``Manifest.from_dict`` re-raises it as a ManifestError."""
 
 
 def _typed(value, kind: type, field_name: str):

@@ -88,7 +88,7 @@ def test_schedule_changes_are_not_part_of_the_fingerprint_and_are_listed():
                                "--resume", "auto"])
     assert pre() == json.loads(json.dumps(pretrain_fingerprint(b, FakeManifest("d0"), 1)))
     changes = config_changes(flatten(dataclasses.asdict(a)), flatten(dataclasses.asdict(b)))
-    assert changes == ["data.num_workers 0 -> 4", "data.shards 'shards' -> 'moved/shards'",
+    assert changes == ["data.num_workers 'auto' -> 4", "data.shards 'shards' -> 'moved/shards'",
                        "optim.lr_cnn 0.001 -> 0.01", "run.log_every 10 -> 3", "run.max_steps 80 -> 500",
                        "run.save_every 40 -> 7"]  # run.resume is how to start, not a change
 
