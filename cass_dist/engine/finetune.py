@@ -146,8 +146,9 @@ def _train(cfg: FinetuneConfig, run: Run) -> dict:
                 break
             factors = lr_factors(cfg, state.global_step, total_steps)
             set_lrs(optimizer, [lr * factors[part] for lr, part in zip(base_lrs, parts)], 1.0)
-            finite, window_loss, _ = optimizer_step(acc, model, optimizer, window, forward,
-                                                    clip_grad=cfg.run.clip_grad)
+            finite, window_loss, _, stop_agreed = optimizer_step(acc, model, optimizer, window, forward,
+                                                                 clip_grad=cfg.run.clip_grad,
+                                                                 stop_requested=run.stop_requested)
             if finite:
                 loss_sum += window_loss
                 loss_count += len(window)
@@ -174,7 +175,7 @@ def _train(cfg: FinetuneConfig, run: Run) -> dict:
                 _validate(cfg, run, model, manifest, state, track)
                 run.save(state)
                 model.train()
-            stopping = run.should_stop()
+            stopping = run.should_stop(stop_agreed)  # agreed in the step's collective: no extra sync
             if track["done"] or stopping or epoch_done:
                 break
     if stopping:

@@ -42,6 +42,13 @@ def test_torch_syncbatchnorm_still_refuses_cpu_tensors(ranks):
     assert all("expected input tensor to be on GPU" in result["cpu_syncbn"] for result in ranks)
 
 
+def test_ddp_all_reduces_inside_no_sync_after_a_skipped_backward(ranks):
+    """What the guard relies on (engine/step.py): a rank that skips the backward of a synced forward leaves
+    DDP's reducer expecting one, so its next no_sync backward all-reduces after all. Hence every rank runs
+    every backward, and only the optimizer step is skipped."""
+    assert all(result["reductions_after_a_skipped_backward"] == 1 for result in ranks)
+
+
 def pretrainer(objective: str = "simsiam") -> CASSPretrainer:
     model = CASS("test_resnet", "test_vit", embed_dim=16, head="mlp", proj_hidden_dim=32, img_size=32,
                  vit_patch_size=8)
