@@ -36,6 +36,7 @@ from cass_dist.errors import CassError
 from cass_dist.losses import focal_loss
 from cass_dist.metrics import write_metrics
 from cass_dist.plots import log_images, plot_confusion_matrix, plot_curves
+from cass_dist.utils.deepspeed import check_launch
 
 BEST_DIR = "best"
 
@@ -106,8 +107,10 @@ def finetune(cfg: FinetuneConfig) -> dict:
     """Fine-tune as configured; return the metrics written to ``<run dir>/metrics.json``.
 
     Raises ManifestError (bad shard dir), ValueError / BackboneError / WeightsUnavailableError (a bad
-    ``model.init``), CheckpointError (bad ``--resume``), NonFiniteLossError.
+    ``model.init``), CheckpointError (bad ``--resume``), NonFiniteLossError, LaunchConfigError (a launch
+    config cass-dist refuses, e.g. DeepSpeed with accumulation).
     """
+    check_launch(batch_size=cfg.data.batch_size, grad_accum_steps=cfg.run.grad_accum_steps, clip_grad=cfg.run.clip_grad)
     run = Run(cfg.run, config=cfg)
     try:
         return _train(cfg, run)

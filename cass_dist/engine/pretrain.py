@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 import torch
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from cass_dist.configs.pretrain import OptimSection, PretrainConfig
@@ -105,7 +105,8 @@ def pretrain(cfg: PretrainConfig, *, make_loader: LoaderFactory = build_train_lo
     CheckpointError for a bad ``--resume``, ManifestError for a bad shard directory.
     """
     manifest = load_manifest(cfg.data.shards)  # a bad shard dir fails before the run dir is created
-    check_deepspeed_launch(batch_size=cfg.data.batch_size, grad_accum_steps=cfg.run.grad_accum_steps)
+    check_deepspeed_launch(batch_size=cfg.data.batch_size, grad_accum_steps=cfg.run.grad_accum_steps,
+                           clip_grad=cfg.run.clip_grad)
     run = Run(cfg.run, config=cfg)
     try:
         return _train(cfg, run, manifest, make_loader)
@@ -119,6 +120,11 @@ def _train(cfg: PretrainConfig, run: Run, manifest: Manifest, make_loader: Loade
     # the whole module: CNN, projector heads, predictors (VICReg's and BYOL's recipe); before DDP wraps it
     model, sync_bn_note = sync_batchnorm(model, cfg.model.sync_bn, num_processes=acc.num_processes, device=acc.device)
     run.print(sync_bn_note)
+    if cfg.model.channels_last and acc.distributed_type == DistributedType.DEEPSPEED:
+        # DeepSpeed broadcasts every parameter as a flat byte view at prepare, which a channels_last conv
+        # weight cannot give ("stride(-1) must be 1"): keep the weights contiguous (inputs stay channels_last)
+        model.to(memory_format=torch.contiguous_format)
+        run.print("channels_last: the CNN weights stay contiguous under DeepSpeed (its broadcast needs it)")
     if accum > 1 and getattr(getattr(model, "objective", None), "uses_batch_statistics", False):
         images = cfg.data.batch_size * (acc.num_processes if cfg.objective.gather else 1)
         run.print(f"WARNING: objective {cfg.objective.name} computes its batch statistics per micro-batch "

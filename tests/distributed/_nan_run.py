@@ -1,7 +1,7 @@
 """One rank of the end-to-end guard test (``accelerate launch``, 2 gloo processes): pretraining or
 fine-tuning with a NaN loss on rank 1 ONLY at one forward call; every rank writes its final weights.
 
-    python _nan_run.py pretrain|finetune OUT_DIR BAD_CALL SHARDS
+    python _nan_run.py pretrain|finetune OUT_DIR BAD_CALL SHARDS     (OUT_DIR/<loop>/ is the run dir)
 
 (One loop per launch: Accelerate's end_training destroys the process group, and re-creating it in
 the same torchrun job can hang.)
@@ -45,6 +45,7 @@ def main(loop: str, out: Path, bad_call: int, shards: str) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # as the entry scripts do: run.print's lines
     rank, built = int(os.environ["RANK"]), {}
+    out.mkdir(parents=True, exist_ok=True)
     if loop == "pretrain":
         real_pretrainer = pretrain_module.build_pretrainer
 

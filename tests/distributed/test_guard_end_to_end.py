@@ -30,18 +30,37 @@ def shards(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module", params=["pretrain", "finetune"])
+def zero2_config(tmp: Path) -> Path:
+    """The shipped ZeRO-2 config made to fit a CPU: fp32, micro-batch 8 (_nan_run.py's), 2 processes."""
+    ds = json.loads((REPO / "launch/configs/deepspeed_zero2.json").read_text())
+    ds["bf16"] = {"enabled": False}
+    ds["train_micro_batch_size_per_gpu"] = 8
+    (tmp / "ds.json").write_text(json.dumps(ds))
+    text = (REPO / "launch/configs/deepspeed_zero2.yaml").read_text()
+    text = text.replace("launch/configs/deepspeed_zero2.json", str(tmp / "ds.json"))
+    (tmp / "zero2.yaml").write_text(text.replace("num_processes: 8", "num_processes: 2"))
+    return tmp / "zero2.yaml"
+
+
+# "zero2": DeepSpeed steps inside its backward, so there the guard decides before the last backward
+@pytest.fixture(scope="module", params=["pretrain", "finetune", "zero2"])
 def launched(request, shards):
-    loop, out = request.param, shards.parent
+    name, out = request.param, shards.parent
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    launcher = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                "--dynamo_backend", "no"]
+    if name == "zero2":
+        pytest.importorskip("deepspeed", reason='the deepspeed extra is not installed')
+        env = {**env, "DS_ACCELERATOR": "cpu"}
+        del env["ACCELERATE_USE_CPU"]
+        launcher = ["--config_file", str(zero2_config(out))]
+    loop = "finetune" if name == "finetune" else "pretrain"
     done = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-         "--main_process_port", str(free_port()), str(REPO / "tests/distributed/_nan_run.py"),
-         loop, str(out), str(BAD_CALL), str(shards)],
+        [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--main_process_port", str(free_port()),
+         str(REPO / "tests/distributed/_nan_run.py"), loop, str(out / name), str(BAD_CALL), str(shards)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
-    return loop, out, done.stderr
+    return loop, out / name, done.stderr
 
 
 def test_a_nan_on_one_rank_is_skipped_by_every_rank_and_the_weights_stay_equal(launched):
