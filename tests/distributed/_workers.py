@@ -63,8 +63,15 @@ def objective_gradients(rank: int, world: int, names: list[str]) -> dict:
     """Each objective's loss and DDP-averaged parameter gradients on this rank's rows, gather on and off."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from cass_dist.losses.cass import build_objective
+    from cass_dist.losses import cass
 
+    gathers = []
+
+    def counted_gather(tensor):
+        gathers.append(tuple(tensor.shape))
+        return gather_with_grad(tensor)
+
+    cass.gather_with_grad = counted_gather  # this rank's process only
     rows = global_inputs().chunk(world)[rank]
     results = {}
     for name in names:
@@ -72,9 +79,11 @@ def objective_gradients(rank: int, world: int, names: list[str]) -> dict:
             net = embedder()
             ddp = DistributedDataParallel(net)  # kept alive until backward: its reducer averages the gradients
             z_cnn, z_vit = ddp(rows).chunk(2, dim=1)
-            out = build_objective(name, embed_dim=4, gather=gather)(z_cnn, z_vit)
+            gathers.clear()
+            out = cass.build_objective(name, embed_dim=4, gather=gather)(z_cnn, z_vit)
             out["loss"].backward()
-            results[name, gather] = {"loss": out["loss"].detach(), "grads": [p.grad for p in net.parameters()]}
+            results[name, gather] = {"loss": out["loss"].detach(), "grads": [p.grad for p in net.parameters()],
+                                     "gathers": list(gathers)}
     return results
 
 

@@ -49,3 +49,10 @@ def test_paper_is_per_sample_so_gather_changes_nothing(ranks):
     for rank in ranks:
         for a, b in zip(rank["paper", True]["grads"], rank["paper", False]["grads"]):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name, gathers", [("vicreg", [(4, 8)]), ("barlow", [(4, 8)]), ("paper", [])])
+def test_at_most_one_all_gather_per_objective_call(ranks, name, gathers):
+    """Both branches' [B, D] embeddings travel in one [B, 2D] all-gather; none without gather."""
+    for rank in ranks:
+        assert rank[name, True]["gathers"] == gathers and rank[name, False]["gathers"] == []
