@@ -65,7 +65,7 @@ def check_sync_bn() -> dict:
     out["loss"].backward()
     dist.destroy_process_group()  # the engine checks below make their own (single-process) Accelerator
     assert torch.isfinite(out["loss"]), out["loss"]
-    return {"batchnorm_layers": len(layers), "synced": len(synced), "why": why, "loss": float(out["loss"])}
+    return {"batchnorm_layers": len(layers), "synced": len(synced), "why": why, "loss": float(out["loss"].detach())}
 
 
 def check_fp32_objectives() -> dict:
@@ -86,7 +86,7 @@ def check_fp32_objectives() -> dict:
         for key, value in inside.items():
             assert value.dtype == torch.float32, (name, key, value.dtype)
             torch.testing.assert_close(value, outside[key], rtol=1e-6, atol=1e-6, msg=f"{name}.{key}")
-        results[name] = float(inside["loss"])
+        results[name] = float(inside["loss"].detach())
     return results
 
 
