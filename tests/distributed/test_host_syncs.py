@@ -54,7 +54,7 @@ class TimedLoader:
         return len(self.inner)
 
     def skipped(self):
-        return self.inner.skipped()
+        return self.inner.skipped() if hasattr(self.inner, "skipped") else 0
 
     def __iter__(self):
         batches = iter(self.inner)
