@@ -87,7 +87,9 @@ class ModelSection:
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     channels_last: bool = True  # memory format of the CNN and its input (faster convs on GPUs)
     compile: bool = False  # torch.compile each backbone in place
-    sync_bn: bool = False  # SyncBatchNorm in the CNN under multi-GPU DDP
+    # SyncBatchNorm in the whole pretrainer (CNN, projector heads, predictors): auto = when more than one
+    # process runs on CUDA; true = the same, but refuse CPU processes; false = per-process statistics
+    sync_bn: bool | Literal["auto"] = "auto"
 
     def validate(self) -> None:
         for name in ("cnn", "vit"):
@@ -106,6 +108,9 @@ class ModelSection:
 class ObjectiveSection:
     name: str = DEFAULT_OBJECTIVE  # "paper" is exactly the original loss
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed to build_objective
+    # batch statistics (vicreg, barlow) over the global batch, every rank's embeddings gathered with
+    # gradient (true), or over each rank's own micro-batch (false: the objective changes with world size)
+    gather: bool = True
 
     def validate(self) -> None:
         if not self.name:

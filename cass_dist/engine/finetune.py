@@ -39,6 +39,7 @@ from cass_dist.errors import CassError
 from cass_dist.losses import focal_loss
 from cass_dist.metrics import write_metrics
 from cass_dist.plots import log_images, plot_confusion_matrix, plot_curves
+from cass_dist.utils.deepspeed import check_launch
 
 BEST_DIR = "best"
 
@@ -110,8 +111,10 @@ def finetune(cfg: FinetuneConfig) -> dict:
     """Fine-tune as configured; return the metrics written to ``<run dir>/metrics.json``.
 
     Raises ManifestError (bad shard dir), ValueError / BackboneError / WeightsUnavailableError (a bad
-    ``model.init``), CheckpointError (bad ``--resume``), NonFiniteLossError.
+    ``model.init``), CheckpointError (bad ``--resume``), NonFiniteLossError, LaunchConfigError (a launch
+    config cass-dist refuses, e.g. DeepSpeed with accumulation).
     """
+    check_launch(batch_size=cfg.data.batch_size, grad_accum_steps=cfg.run.grad_accum_steps, clip_grad=cfg.run.clip_grad)
     run = Run(cfg.run, config=cfg)
     try:
         return _train(cfg, run)
@@ -161,8 +164,9 @@ def _train(cfg: FinetuneConfig, run: Run) -> dict:
                 break
             factors = lr_factors(cfg, state.global_step, total_steps)
             set_lrs(optimizer, [lr * factors[part] for lr, part in zip(base_lrs, parts)], 1.0)
-            finite, window_loss, _ = optimizer_step(acc, model, optimizer, window, forward,
-                                                    clip_grad=cfg.run.clip_grad)
+            finite, window_loss, _, stop_agreed = optimizer_step(acc, model, optimizer, window, forward,
+                                                                 clip_grad=cfg.run.clip_grad,
+                                                                 stop_requested=run.stop_requested)
             if finite:
                 loss_sum += window_loss
                 loss_count += len(window)
@@ -191,7 +195,7 @@ def _train(cfg: FinetuneConfig, run: Run) -> dict:
                 _validate(cfg, run, model, manifest, state, track, loaders=eval_loaders)
                 run.save(state)
                 model.train()
-            stopping = run.should_stop()
+            stopping = run.should_stop(stop_agreed)  # agreed in the step's collective: no extra sync
             if track["done"] or stopping or epoch_done:
                 break
     if stopping:

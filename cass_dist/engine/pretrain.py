@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 import torch
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from cass_dist.configs.pretrain import OptimSection, PretrainConfig
@@ -35,6 +35,7 @@ from cass_dist.losses.cass import build_objective
 from cass_dist.models import CASS, CASSPretrainer, export_backbones
 from cass_dist.monitor import CollapseMonitor, embedding_stats
 from cass_dist.utils.deepspeed import check_launch as check_deepspeed_launch
+from cass_dist.utils.distributed import sync_batchnorm
 
 LoaderFactory = Callable[[PretrainConfig, object, int, int], Iterable[dict]]
 
@@ -79,7 +80,8 @@ def build_pretrainer(cfg: PretrainConfig) -> CASSPretrainer:
     if m.compile:  # in place, so state_dict keys (checkpoints, exports) stay unprefixed
         cass.cnn.compile()
         cass.vit.compile()
-    return CASSPretrainer(cass, build_objective(cfg.objective.name, embed_dim=m.embed_dim, **cfg.objective.kwargs))
+    return CASSPretrainer(cass, build_objective(cfg.objective.name, embed_dim=m.embed_dim, gather=cfg.objective.gather,
+                                                **cfg.objective.kwargs))
 
 
 def build_optimizer(cfg: OptimSection, model: CASSPretrainer) -> torch.optim.Optimizer:
@@ -108,7 +110,8 @@ def pretrain(cfg: PretrainConfig, *, make_loader: LoaderFactory = build_train_lo
     CheckpointError for a bad ``--resume``, ManifestError for a bad shard directory.
     """
     manifest = load_manifest(cfg.data.shards)  # a bad shard dir fails before the run dir is created
-    check_deepspeed_launch(batch_size=cfg.data.batch_size, grad_accum_steps=cfg.run.grad_accum_steps)
+    check_deepspeed_launch(batch_size=cfg.data.batch_size, grad_accum_steps=cfg.run.grad_accum_steps,
+                           clip_grad=cfg.run.clip_grad)
     run = Run(cfg.run, config=cfg)
     try:
         return _train(cfg, run, manifest, make_loader)
@@ -119,8 +122,19 @@ def pretrain(cfg: PretrainConfig, *, make_loader: LoaderFactory = build_train_lo
 def _train(cfg: PretrainConfig, run: Run, manifest: Manifest, make_loader: LoaderFactory) -> PretrainSummary:
     acc, accum = run.accelerator, cfg.run.grad_accum_steps
     model = build_pretrainer(cfg)
-    if cfg.model.sync_bn and acc.num_processes > 1 and acc.device.type == "cuda":
-        model.model.cnn = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.model.cnn)
+    # the whole module: CNN, projector heads, predictors (VICReg's and BYOL's recipe); before DDP wraps it
+    model, sync_bn_note = sync_batchnorm(model, cfg.model.sync_bn, num_processes=acc.num_processes, device=acc.device)
+    run.print(sync_bn_note)
+    if cfg.model.channels_last and acc.distributed_type == DistributedType.DEEPSPEED:
+        # DeepSpeed broadcasts every parameter as a flat byte view at prepare, which a channels_last conv
+        # weight cannot give ("stride(-1) must be 1"): keep the weights contiguous (inputs stay channels_last)
+        model.to(memory_format=torch.contiguous_format)
+        run.print("channels_last: the CNN weights stay contiguous under DeepSpeed (its broadcast needs it)")
+    if accum > 1 and getattr(getattr(model, "objective", None), "uses_batch_statistics", False):
+        images = cfg.data.batch_size * (acc.num_processes if cfg.objective.gather else 1)
+        run.print(f"WARNING: objective {cfg.objective.name} computes its batch statistics per micro-batch "
+                  f"({images} images), not over the {accum} micro-batches of a step: run.grad_accum_steps "
+                  f"changes what it optimises (docs/distributed.md)")
     optimizer = build_optimizer(cfg.optim, model)
     base_lrs = [g["lr"] for g in optimizer.param_groups]  # before resume: load_state overwrites "lr"
     branch_of_group = [g["name"] for g in optimizer.param_groups]
@@ -184,8 +198,10 @@ def _train(cfg: PretrainConfig, run: Run, manifest: Manifest, make_loader: Loade
                 break
             set_lrs(optimizer, base_lrs,
                     lr_factor(state.global_step, total_steps, cfg.run.warmup_steps, cfg.run.min_lr_ratio))
-            finite, loss_sum, out = optimizer_step(acc, model, optimizer, window, forward,
-                                                   clip_grad=cfg.run.clip_grad)
+            # all ranks agree on `finite` and `stop_agreed` in the step's one collective (engine/step.py)
+            finite, loss_sum, out, stop_agreed = optimizer_step(acc, model, optimizer, window, forward,
+                                                                clip_grad=cfg.run.clip_grad,
+                                                                stop_requested=run.stop_requested)
             window_loss += loss_sum / accum
             window_images = sum(len(batch["image"]) for batch in window) * acc.num_processes
             images_seen += window_images
@@ -247,7 +263,7 @@ def _train(cfg: PretrainConfig, run: Run, manifest: Manifest, make_loader: Loade
             if cfg.run.save_every and state.global_step % cfg.run.save_every == 0:
                 checkpoint, saved_step = str(run.save(state)), state.global_step
             paused += time.perf_counter() - t0
-            stopping = run.should_stop()  # agreed by all ranks; run.stop_signal alone is per-process
+            stopping = run.should_stop(stop_agreed)  # agreed by all ranks; run.stop_signal alone is per-process
             if stopping:
                 run.print(f"stop requested ({run.stop_signal}) at step {state.global_step}: checkpointing")
                 break

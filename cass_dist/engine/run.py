@@ -54,6 +54,7 @@ from cass_dist.engine.trackers import start_trackers, truncate_metrics
 from cass_dist.engine.trackers import wandb_offline_reason as _wandb_offline_reason  # noqa: F401 (tests)
 from cass_dist.errors import CassError
 from cass_dist.utils.deepspeed import deepspeed_requested
+from cass_dist.utils.distributed import agree_any
 
 log = logging.getLogger("cass_dist")
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
@@ -225,14 +226,23 @@ class Run:
         """Name of the signal that asked this process to stop, if any."""
         return self._stop_signal
 
-    def should_stop(self) -> bool:
-        """Return True on every rank once any rank received SIGTERM/SIGUSR1. Call it on all ranks each step."""
-        if self._stop_signal:
-            self.accelerator.set_trigger()
-        stop = self.accelerator.check_trigger()
-        if stop and not self._stop_signal:
+    @property
+    def stop_requested(self) -> bool:
+        """True once THIS process received SIGTERM/SIGUSR1 (local; ranks agree through ``should_stop``)."""
+        return self._stop_signal is not None
+
+    def should_stop(self, agreed: bool | None = None) -> bool:
+        """Return True on every rank once any rank received SIGTERM/SIGUSR1. Call it on all ranks each step.
+
+        ``agreed``: the all-rank answer the step's own collective already carried (``optimizer_step(...,
+        stop_requested=run.stop_requested).stop``), so the hot loop pays no extra collective or host
+        sync; without it this takes one all-reduce and one host sync.
+        """
+        if agreed is None:
+            agreed = agree_any(self.stop_requested, self.accelerator.device)
+        if agreed and not self._stop_signal:
             self._stop_signal = "peer"
-        return stop
+        return agreed
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, state: TrainState) -> Path:

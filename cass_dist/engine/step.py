@@ -2,16 +2,38 @@
 
 Pretraining and fine-tuning differ only in what a micro-batch's forward computes; how the step is
 taken (and skipped) is the same code, so a fix here reaches both loops.
+
+The non-finite guard is decided by all ranks together, once per window:
+
+- Every micro-batch's backward runs on every rank, finite or not. DDP's reducer then sees the same
+  sequence everywhere: the first micro-batches accumulate locally (``no_sync``), the last one's
+  backward all-reduces. (A rank that skips a backward leaves the reducer expecting one: its next
+  ``no_sync`` backward all-reduces after all, pairing with another rank's step. Skipping on one
+  rank only is how the ranks drifted apart before.)
+- After the last forward, ONE all-reduce (max) of two flags, "some loss of this window was not
+  finite on this rank" and "this rank was asked to stop", is queued before the last backward, and
+  read once after it: one collective and one host sync per window, none per micro-batch.
+- If any rank saw a non-finite loss, every rank skips clipping and ``optimizer.step`` and zeroes the
+  gradients (NaN gradients from the all-reduce included): weights stay equal across ranks. With fp16
+  the GradScaler is neither unscaled nor updated on a skipped window, so its state stays consistent;
+  a finite loss with overflowing gradients is the scaler's to skip, as usual.
+- DeepSpeed steps its engine inside the last backward (Accelerate's wrapper), so there the answer is
+  read BEFORE the last backward, which runs only on a good window. DeepSpeed with accumulation is
+  refused at launch (``cass_dist.utils.deepspeed.check_launch``): its earlier micro-batches would
+  already sit in the engine's buffers.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
+from accelerate.utils import DistributedType
 
 from cass_dist.configs.base import ConfigError
+from cass_dist.utils.distributed import any_rank
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> float:
@@ -45,29 +67,49 @@ def set_lrs(optimizer: torch.optim.Optimizer, base_lrs: Sequence[float], factor:
         group["lr"] = base_lr * factor
 
 
-def optimizer_step(accelerator, model, optimizer, window: Sequence[dict], forward: Callable[[dict], dict],
-                   *, clip_grad: float = 0.0) -> tuple[bool, torch.Tensor, dict | None]:
-    """Accumulate gradients over ``window`` (micro-batches) and take one optimizer step.
+class StepOutcome(NamedTuple):
+    """What one window did, agreed by all ranks (``finite``, ``stop``) or local (``loss_sum``, ``out``)."""
 
-    ``forward(batch)`` returns a dict holding at least a scalar ``loss``. Every rank agrees on
-    whether a micro-batch's loss is finite before backward (DDP would otherwise wait for a rank that
-    skipped); one non-finite micro-batch skips the whole update. Gradients are always zeroed.
-    Returns ``(finite, sum of the finite micro-batch losses (detached), the last forward's dict)``.
+    finite: bool  # the step was taken: every micro-batch loss on every rank was finite
+    loss_sum: torch.Tensor  # this rank's sum of the window's micro-batch losses (detached); 0 when skipped
+    out: dict | None  # the last forward's dict
+    stop: bool  # some rank passed stop_requested=True
+
+
+def optimizer_step(accelerator, model, optimizer, window: Sequence[dict], forward: Callable[[dict], dict],
+                   *, clip_grad: float = 0.0, stop_requested: bool = False) -> StepOutcome:
+    """Accumulate gradients over ``window`` (micro-batches) and take one optimizer step, unless some loss
+    on some rank was not finite (then no rank steps; see the module docstring).
+
+    ``forward(batch)`` returns a dict holding at least a scalar ``loss``. ``stop_requested`` (this
+    rank got a stop signal) rides in the window's collective, so ``StepOutcome.stop`` is the all-rank
+    answer at no extra cost. Gradients are always zeroed. Call on every rank with windows of
+    ``run.grad_accum_steps`` micro-batches. Returns the StepOutcome.
     """
-    finite, loss_sum, out = True, torch.zeros((), device=accelerator.device), None
+    steps_in_backward = accelerator.distributed_type == DistributedType.DEEPSPEED
+    nonfinite = torch.zeros(1, device=accelerator.device)
+    loss_sum = torch.zeros((), device=accelerator.device)
+    out, skip, stop = None, False, False
     for batch in window:
         with accelerator.accumulate(model):
             out = forward(batch)
             loss = out["loss"]
-            ok = bool(accelerator.reduce(torch.isfinite(loss.detach()).float(), "min") > 0)
-            finite &= ok
-            if ok:
+            finite = torch.isfinite(loss.detach())
+            nonfinite += (~finite).float()
+            loss_sum += torch.where(finite, loss.detach(), 0.0)
+            if not accelerator.sync_gradients:  # not the last micro-batch: local accumulation only
                 accelerator.backward(loss)
-                loss_sum += loss.detach()
-            if accelerator.sync_gradients:
-                if finite and clip_grad:
-                    accelerator.clip_grad_norm_(model.parameters(), clip_grad)
-                if finite:
+                continue
+            agreed = any_rank(torch.cat([nonfinite, nonfinite.new_full((1,), float(stop_requested))]))
+            if not steps_in_backward:
+                accelerator.backward(loss)
+            skip, stop = (value > 0 for value in agreed.tolist())  # the window's one host sync
+            if not skip:
+                if steps_in_backward:
+                    accelerator.backward(loss)  # DeepSpeed clips (its JSON) and steps in here
+                else:
+                    if clip_grad:
+                        accelerator.clip_grad_norm_(model.parameters(), clip_grad)
                     optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-    return finite, loss_sum, out
+            optimizer.zero_grad(set_to_none=True)
+    return StepOutcome(not skip, loss_sum if not skip else torch.zeros_like(loss_sum), out, stop)

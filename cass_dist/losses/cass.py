@@ -1,8 +1,16 @@
 """CASS objectives: the paper's loss and the candidates that keep it from collapsing.
 
 Every objective is an ``nn.Module`` whose ``forward(z_cnn, z_vit)`` returns ``dict(loss=<fp32 scalar>,
-<term>=<detached fp32 scalar>, ...)``. Objectives with parameters (a predictor) say which branch each
-parameter serves through ``branch_parameters()``, so the optimizer gives it that branch's lr.
+<term>=<detached fp32 scalar>, ...)``, computed in fp32 with autocast off whatever the caller's precision
+(a bf16 covariance of 1000-d embeddings loses the small off-diagonal terms it penalises). Objectives with
+parameters (a predictor) say which branch each parameter serves through ``branch_parameters()``, so the
+optimizer gives it that branch's lr.
+
+Batch statistics are global: an objective that sets ``uses_batch_statistics`` (vicreg, barlow) computes
+them on ``global_batch(...)``, every rank's rows gathered with gradient (``gather=True``, the default;
+``objective.gather`` in the config), as the official VICReg and Barlow Twins code do. Per-sample terms
+stay on the local rows: DDP's gradient average already makes them the global-batch mean. With
+``gather=False`` each rank uses its own micro-batch, so the objective changes with the world size.
 
 Candidates (``build_objective(name, embed_dim=...)``):
 
@@ -26,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cass_dist.configs.base import ConfigError
+from cass_dist.utils.distributed import gather_with_grad, world_size
 
 BRANCHES = ("cnn", "vit")
 
@@ -60,7 +69,37 @@ def standardise(z: torch.Tensor) -> torch.Tensor:
 
 
 class Objective(nn.Module):
-    """Base class: ``forward(z_cnn, z_vit) -> dict(loss=..., <terms>)``; no parameters by default."""
+    """Base class: ``forward(z_cnn, z_vit) -> dict(loss=..., <terms>)``; no parameters by default.
+
+    ``forward`` checks the pair, turns autocast off and hands fp32 copies to ``compute``, which each
+    objective implements. One with batch statistics sets ``uses_batch_statistics`` and computes them
+    on ``self.global_batch(...)``.
+    """
+
+    uses_batch_statistics = False  # True: some term is a statistic over the batch (gathered across ranks)
+
+    def __init__(self, *, gather: bool = True) -> None:
+        super().__init__()
+        self.gather = gather
+
+    def forward(self, z_cnn: torch.Tensor, z_vit: torch.Tensor) -> dict[str, torch.Tensor]:
+        _check_pair(z_cnn, z_vit)
+        with torch.autocast(device_type=z_cnn.device.type, enabled=False):
+            return self.compute(z_cnn.float(), z_vit.float())
+
+    def compute(self, z_cnn: torch.Tensor, z_vit: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Return the loss dict from fp32 embeddings (autocast is off here)."""
+        raise NotImplementedError
+
+    def global_batch(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Return ``tensors`` ([B, D_i] each) with every rank's rows, in ONE all-gather with gradient.
+
+        Unchanged on one process or with ``gather=False``.
+        """
+        if not self.gather or world_size() == 1:
+            return tensors
+        widths = [t.shape[1] for t in tensors]
+        return tuple(gather_with_grad(torch.cat(tensors, dim=1)).split(widths, dim=1))
 
     def branch_parameters(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         """Return this objective's named parameters grouped by the branch ("cnn" / "vit") they serve."""
@@ -70,21 +109,27 @@ class Objective(nn.Module):
 class PaperObjective(Objective):
     """The paper: 2 - 2cos between the branches, both updated, nothing against collapse."""
 
-    def forward(self, z_cnn: torch.Tensor, z_vit: torch.Tensor) -> dict[str, torch.Tensor]:
+    def compute(self, z_cnn: torch.Tensor, z_vit: torch.Tensor) -> dict[str, torch.Tensor]:
         loss = cass_loss(z_cnn, z_vit)
         return {"loss": loss, "loss_cos": loss.detach()}
 
 
 class VICRegObjective(Objective):
-    """The paper loss plus VICReg variance/covariance on each branch's standardised embeddings."""
+    """The paper loss plus VICReg variance/covariance on each branch's standardised embeddings.
 
-    def __init__(self, *, sim_weight: float = 1.0, var_weight: float = 1.0, cov_weight: float = 0.04) -> None:
-        super().__init__()
+    The paper term is per sample (local rows); variance and covariance use the global batch.
+    """
+
+    uses_batch_statistics = True
+
+    def __init__(self, *, sim_weight: float = 1.0, var_weight: float = 1.0, cov_weight: float = 0.04,
+                 gather: bool = True) -> None:
+        super().__init__(gather=gather)
         self.sim_weight, self.var_weight, self.cov_weight = sim_weight, var_weight, cov_weight
 
-    def forward(self, z_cnn: torch.Tensor, z_vit: torch.Tensor) -> dict[str, torch.Tensor]:
+    def compute(self, z_cnn: torch.Tensor, z_vit: torch.Tensor) -> dict[str, torch.Tensor]:
         sim = cass_loss(z_cnn, z_vit)
-        s_cnn, s_vit = standardise(z_cnn), standardise(z_vit)
+        s_cnn, s_vit = self.global_batch(standardise(z_cnn), standardise(z_vit))
         var = variance_term(s_cnn) + variance_term(s_vit)
         cov = covariance_term(s_cnn) + covariance_term(s_vit)
         loss = self.sim_weight * sim + self.var_weight * var + self.cov_weight * cov
@@ -94,17 +139,20 @@ class VICRegObjective(Objective):
 class BarlowObjective(Objective):
     """Barlow Twins between architectures: the CNN/ViT cross-correlation matrix pulled to the identity.
 
-    The loss is divided by D so its size does not grow with the embedding dimension.
+    Standardisation and correlation use the global batch. The loss is divided by D so its size does
+    not grow with the embedding dimension.
     """
 
-    def __init__(self, *, lambd: float = 5e-3) -> None:
-        super().__init__()
+    uses_batch_statistics = True
+
+    def __init__(self, *, lambd: float = 5e-3, gather: bool = True) -> None:
+        super().__init__(gather=gather)
         self.lambd = lambd
 
-    def forward(self, z_cnn: torch.Tensor, z_vit: torch.Tensor) -> dict[str, torch.Tensor]:
-        _check_pair(z_cnn, z_vit)
-        n, d = z_cnn.shape
-        a, b = _batch_standardise(z_cnn.float()), _batch_standardise(z_vit.float())
+    def compute(self, z_cnn: torch.Tensor, z_vit: torch.Tensor) -> dict[str, torch.Tensor]:
+        all_cnn, all_vit = self.global_batch(z_cnn, z_vit)
+        n, d = all_cnn.shape
+        a, b = _batch_standardise(all_cnn), _batch_standardise(all_vit)
         corr = a.T @ b / n
         on_diag = (torch.diagonal(corr) - 1.0).pow(2).sum() / d
         off_diag = _off_diagonal(corr).pow(2).sum() / d
@@ -120,14 +168,13 @@ class BarlowObjective(Objective):
 class SimSiamObjective(Objective):
     """SimSiam across architectures: each branch predicts the other's (stop-gradient) embedding."""
 
-    def __init__(self, *, embed_dim: int, pred_hidden_dim: int | None = None) -> None:
-        super().__init__()
+    def __init__(self, *, embed_dim: int, pred_hidden_dim: int | None = None, gather: bool = True) -> None:
+        super().__init__(gather=gather)  # per-sample terms only (its predictors' BatchNorm syncs with sync_bn)
         hidden = pred_hidden_dim or max(embed_dim // 4, 16)
         self.predictor_cnn = predictor(embed_dim, hidden)
         self.predictor_vit = predictor(embed_dim, hidden)
 
-    def forward(self, z_cnn: torch.Tensor, z_vit: torch.Tensor) -> dict[str, torch.Tensor]:
-        _check_pair(z_cnn, z_vit)
+    def compute(self, z_cnn: torch.Tensor, z_vit: torch.Tensor) -> dict[str, torch.Tensor]:
         p_cnn, p_vit = self.predictor_cnn(z_cnn), self.predictor_vit(z_vit)
         loss = 0.5 * (cass_loss(p_cnn, z_vit.detach()) + cass_loss(p_vit, z_cnn.detach()))
         return {"loss": loss, "loss_cos": cass_loss(z_cnn.detach(), z_vit.detach())}
@@ -159,14 +206,16 @@ OBJECTIVES: dict[str, type[Objective]] = {
 DEFAULT_OBJECTIVE = "vicreg"
 
 
-def build_objective(name: str, *, embed_dim: int, **kwargs: float) -> Objective:
+def build_objective(name: str, *, embed_dim: int, gather: bool = True, **kwargs: float) -> Objective:
     """Return the objective called ``name`` (one of ``OBJECTIVES``), built with its ``kwargs``.
 
+    ``gather``: batch statistics over every rank's rows (True) or this rank's only (False).
     Raises ConfigError (a ValueError) for an unknown name or a keyword that objective does not take.
     """
     if name not in OBJECTIVES:
         raise ConfigError(f"objective.name: unknown objective {name!r}; expected one of {sorted(OBJECTIVES)}")
     cls = OBJECTIVES[name]
+    kwargs = {**kwargs, "gather": gather}
     if cls is SimSiamObjective:
         kwargs = {"embed_dim": embed_dim, **kwargs}
     try:

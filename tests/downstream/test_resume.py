@@ -29,11 +29,11 @@ def test_resume_after_signal_equals_straight_run(syn_shards, tmp_path, monkeypat
     calls = []
     real_should_stop = Run.should_stop
 
-    def stop_once(self):  # as if SIGUSR1 arrived during the first step
+    def stop_once(self, *args):  # as if SIGUSR1 arrived during the first step
         calls.append(1)
         if len(calls) == 1:
             self._stop_signal = "SIGUSR1"
-        return real_should_stop(self)
+        return real_should_stop(self, *args)
 
     monkeypatch.setattr(Run, "should_stop", stop_once)
     assert finetune(parse_finetune_config(args(syn_shards, tmp_path / "resumed"))) == {}

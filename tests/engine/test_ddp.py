@@ -1,13 +1,20 @@
 """2-process DDP on CPU (gloo, through ``accelerate launch``) ends with the weights of 1 process on the doubled batch.
 
-For the comparison to be valid the two runs must compute the same gradients:
-- the objective is a per-sample mean (``paper``), so the mean over the doubled batch equals the
-  average of the two ranks' means, which is what DDP's gradient all-reduce computes;
-- no BatchNorm (``test_convnext`` uses LayerNorm, ``test_vit`` LayerNorm, linear heads): batch
-  statistics would differ between one batch of 2B and two of B;
+Run with the default objective (``vicreg``) and with ``paper``. For the comparison to be valid the two
+runs must compute the same gradients:
+- ``paper`` is a per-sample mean, so the mean over the doubled batch equals the average of the two
+  ranks' means, which is what DDP's gradient all-reduce computes. ``vicreg`` adds variance and
+  covariance terms, statistics of the batch: they are computed on the embeddings of both ranks,
+  gathered with gradient (``objective.gather``, on by default), and the gather's backward (a sum
+  over ranks) times DDP's average (1/2) gives exactly the gradient of the doubled batch;
+- no BatchNorm (``test_convnext`` uses LayerNorm, ``test_vit`` LayerNorm, linear heads instead of the
+  default BatchNorm projectors): per-rank batch statistics would differ between one batch of 2B and
+  two of B, and torch 2.14's SyncBatchNorm still refuses CPU tensors ("expected input tensor to be on
+  GPU", checked by tests/distributed/test_distributed_utils.py), so they cannot be synced on gloo;
 - no random augmentation (``eval`` transform) and no dropout;
 - the single process reads, at every step, exactly the union of what ranks 0 and 1 read: this file,
-  run as a script with ``merged``, concatenates the two ranks' loaders.
+  run as a script with ``merged``, concatenates the two ranks' loaders (rank 0's rows first, the order
+  of the gather).
 """
 
 import json
@@ -48,10 +55,10 @@ def merged_ranks_loader(cfg, accelerator, epoch, start_batch):
                                      transform=d.transform, start_batch=start_batch) for r in range(2)])
 
 
-def args(shards, out, batch_size):
+def args(shards, out, batch_size, objective):
     return ["--data", str(shards), "--output-dir", str(out), "--cnn", "test_convnext", "--vit", "test_vit",
             "--model.vit_patch_size", "8", "--embed-dim", "32", "--image-size", "32", "--batch-size", str(batch_size),
-            "--precision", "fp32", "--model.channels_last", "false", "--objective", "paper", "--head", "linear",
+            "--precision", "fp32", "--model.channels_last", "false", "--objective", objective, "--head", "linear",
             "--data.transform", "eval", "--optim.eps", "1e-4", "--lr-cnn", "3e-3", "--lr-vit", "3e-3",
             "--max-steps", "4", "--warmup-steps", "1", "--log-every", "1"]
 
@@ -62,7 +69,8 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_two_process_ddp_equals_one_process_on_the_doubled_batch(tmp_path):
+@pytest.mark.parametrize("objective", ["vicreg", "paper"])  # vicreg: the default, with batch statistics
+def test_two_process_ddp_equals_one_process_on_the_doubled_batch(tmp_path, objective):
     from safetensors.torch import load_file
 
     from cass_dist.data.synthetic import build_synthetic
@@ -73,11 +81,11 @@ def test_two_process_ddp_equals_one_process_on_the_doubled_batch(tmp_path):
     ddp = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-         "--main_process_port", str(free_port()), __file__, "ddp", *args(shards, tmp_path / "ddp", 8)],
+         "--main_process_port", str(free_port()), __file__, "ddp", *args(shards, tmp_path / "ddp", 8, objective)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert (tmp_path / "ddp" / "checkpoints" / "step-0000004" / "random_states_1.pkl").is_file()  # 2 ranks ran
-    single = subprocess.run([sys.executable, __file__, "merged", *args(shards, tmp_path / "one", 16)],
+    single = subprocess.run([sys.executable, __file__, "merged", *args(shards, tmp_path / "one", 16, objective)],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
 

@@ -27,7 +27,6 @@ CONFIGS = {
     "launch/configs/cpu.yaml": (DistributedType.MULTI_GPU, "no", 1),
     "launch/configs/multinode.yaml": (DistributedType.MULTI_GPU, "bf16", 2),
     "launch/configs/deepspeed_zero2.yaml": (DistributedType.DEEPSPEED, None, 1),
-    "launch/configs/fsdp.yaml": (DistributedType.FSDP, "bf16", 1),
 }
 SCRIPTS = ["launch/slurm/pretrain.sbatch", "launch/slurm/finetune.sbatch"]
 
@@ -65,16 +64,16 @@ def test_deepspeed_json_is_explicit_and_zero2() -> None:
     assert config["train_micro_batch_size_per_gpu"] >= 1 and config["gradient_accumulation_steps"] >= 1
     assert "auto" not in _values(config)  # no value anywhere, not only the two keys checked above
     # The one-command DeepSpeed run uses the paper preset as is.
-    check_deepspeed_matches(config, batch_size=paper().data.batch_size,
-                            grad_accum_steps=paper().run.grad_accum_steps, origin=str(path))
+    check_deepspeed_matches(config, batch_size=paper().data.batch_size, grad_accum_steps=paper().run.grad_accum_steps,
+                            clip_grad=paper().run.clip_grad, origin=str(path))
 
 
 def test_deepspeed_mismatch_names_both_fields() -> None:
     config = {"train_micro_batch_size_per_gpu": 16, "gradient_accumulation_steps": 1}
     with pytest.raises(ValueError, match=r"train_micro_batch_size_per_gpu is 16 but data.batch_size is 32"):
-        check_deepspeed_matches(config, batch_size=32, grad_accum_steps=1, origin="ds.json")
+        check_deepspeed_matches(config, batch_size=32, grad_accum_steps=1, clip_grad=0.0, origin="ds.json")
     with pytest.raises(ValueError, match=r"gradient_accumulation_steps is 1 but run.grad_accum_steps is 4"):
-        check_deepspeed_matches(config, batch_size=16, grad_accum_steps=4, origin="ds.json")
+        check_deepspeed_matches(config, batch_size=16, grad_accum_steps=4, clip_grad=0.0, origin="ds.json")
 
 
 def _values(tree) -> list:
