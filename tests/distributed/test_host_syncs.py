@@ -2,9 +2,15 @@
 agreement, which also carries the stop flag) outside the logging steps, whatever the accumulation.
 
 Counted on CPU through a TorchFunctionMode that sees every Tensor method call that would wait for the
-device on CUDA: ``item``, ``bool()``, ``float()``, ``int()``, ``tolist``, ``numpy``, ``cpu``. Two kinds of
-call are not counted, since on CUDA they read host memory: the loader producing the next batch (workers
-and collation run on CPU tensors) and torch.optim's own reads of its step counters (CPU tensors).
+device on CUDA: ``item``, ``bool()``, ``float()``, ``int()``, ``tolist``, ``numpy``, ``cpu``, but only
+on tensors that would LIVE on the device in a GPU run: the loader's images once the engine has them,
+parameters, anything with autograd history, and everything computed from those. On a CPU every
+tensor is a CPU tensor, so without that tracking the count would include reads that stay on the host
+on a GPU too: kornia (>= 0.9) draws augmentation parameters on the CPU and branches on them there
+(ColorJitter's random order, for one), and the loader's workers and collation run on CPU tensors.
+torch.optim's reads of its own step counters are left out as well (CPU tensors in a GPU run).
+What this cannot see on a CPU is a blocking host-to-device copy (a stream sync on CUDA):
+``benchmarks/data_gpu_check.py`` checks the device transforms under ``torch.cuda.set_sync_debug_mode``.
 """
 
 from __future__ import annotations
@@ -14,8 +20,11 @@ import traceback
 from collections import defaultdict
 
 import pytest
+import torch
 from accelerate.state import AcceleratorState, GradientState
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
 
 from cass_dist.configs.pretrain import parse_pretrain_config
 from cass_dist.data.synthetic import build_synthetic
@@ -26,17 +35,34 @@ ACCUM, STEPS, LOG_EVERY = 3, 6, 3
 
 
 class HostSyncCounter(TorchFunctionMode):
-    """Counts device-waiting Tensor calls per optimizer step (``step`` is advanced by the caller)."""
+    """Counts device-waiting reads of device-resident tensors per optimizer step (the caller advances ``step``)."""
 
     def __init__(self):
         super().__init__()
         self.step, self.in_loader = 0, False
         self.calls = defaultdict(list)
+        self.on_device = WeakIdKeyDictionary()  # tensors a GPU run would hold on the GPU
+
+    def mark(self, tensor: torch.Tensor) -> None:
+        self.on_device[tensor] = True
+
+    def _resident(self, value) -> bool:
+        return isinstance(value, torch.Tensor) and (
+            value in self.on_device or isinstance(value, torch.nn.Parameter) or value.requires_grad
+            or value.grad_fn is not None)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") in SYNCS and not self.in_loader and not self._from_torch_optim():
+        inputs = [v for v in tree_flatten((args, kwargs or {}))[0] if isinstance(v, torch.Tensor)]
+        resident = any(self._resident(v) for v in inputs)
+        if (getattr(func, "__name__", "") in SYNCS and resident and not self.in_loader
+                and not self._from_torch_optim()):
             self.calls[self.step].append("".join(traceback.format_stack(limit=6)[:-1]))
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        if resident:  # what is computed from device tensors is on the device too (grads of parameters included)
+            for value in tree_flatten(out)[0]:
+                if isinstance(value, torch.Tensor):
+                    self.mark(value)
+        return out
 
     @staticmethod
     def _from_torch_optim() -> bool:
@@ -66,6 +92,7 @@ class TimedLoader:
                 return
             finally:
                 self.counter.in_loader = False
+            self.counter.mark(batch["image"])  # the engine moves it to the device next
             yield batch
 
 
