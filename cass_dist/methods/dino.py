@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from cass_dist.configs.base import ConfigError
 from cass_dist.configs.methods import DinoSection
 from cass_dist.configs.pretrain import OptimSection, PretrainConfig
 from cass_dist.data.manifest import Manifest
@@ -32,6 +33,7 @@ from cass_dist.losses.dino import DINOLoss, cosine_to_one, warmup_linear
 from cass_dist.methods.base import Method, no_weight_decay_names, split_decay
 from cass_dist.models.backbones import create_backbone, set_grad_checkpointing, timm_kwargs
 from cass_dist.models.cass import BranchSpec
+from cass_dist.utils.deepspeed import deepspeed_requested
 
 GLOBAL_CROPS = 2
 
@@ -204,9 +206,14 @@ class DINOMethod(Method):
 def build_dino(cfg: PretrainConfig) -> DINOMethod:
     """Return the DINO method for ``cfg`` (``cfg.dino`` plus the architecture in ``cfg.model``).
 
-    Raises BackboneError / WeightsUnavailableError for bad model names or weights.
+    Raises BackboneError / WeightsUnavailableError for bad model names or weights, ConfigError when
+    DeepSpeed is launched with DINO's per-parameter clipping or last-layer freeze.
     """
     d, m = cfg.dino, cfg.model
+    if deepspeed_requested() and (d.clip_grad or d.freeze_last_layer):
+        # both act on the module's .grad before the optimizer step; ZeRO keeps gradients in its own buffers
+        raise ConfigError("dino.clip_grad, dino.freeze_last_layer: not applied under DeepSpeed (ZeRO holds the "
+                          "gradients); set both to 0 (run.clip_grad still clips globally) or launch with DDP")
     global_size = d.global_crop_size or cfg.data.image_size
     spec, build = _backbone_spec(cfg, global_size)
     student = build(spec.timm_kwargs)

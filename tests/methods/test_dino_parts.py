@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from cass_dist.configs.base import ConfigError
 from cass_dist.configs.pretrain import parse_pretrain_config
 from cass_dist.losses.dino import DINOLoss, cosine_to_one, warmup_linear
 from cass_dist.methods import build_method
@@ -131,3 +132,10 @@ def test_last_layer_is_frozen_for_the_first_part_of_the_run_only():
     assert step(2) == [False, False]  # step 2 of 10 < 0.3 of the run: no update, no weight decay
     assert step(3) == [True, True]
 
+
+
+def test_deepspeed_with_per_parameter_clipping_is_refused_by_name(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ConfigError, match=r"dino\.clip_grad, dino\.freeze_last_layer"):
+        build_method(tiny_dino())
+    build_method(tiny_dino("--dino.clip_grad", "0", "--dino.freeze_last_layer", "0"))  # nothing to refuse
