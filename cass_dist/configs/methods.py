@@ -29,7 +29,7 @@ class DinoSection:
     use_bn_in_head: bool = False  # BatchNorm in the head MLP
     student_temp: float = 0.1  # softmax temperature of the student
     warmup_teacher_temp: float = 0.04  # teacher temperature at step 0 (sharpening) ...
-    teacher_temp: float = 0.07  # ... rising linearly to this (DINO's recommendation for longer runs)
+    teacher_temp: float = 0.04  # ... rising linearly to this; DINO's default; 0.07 for long runs (its README)
     teacher_temp_warmup: float = 0.3  # fraction of the run the teacher temperature warms up over (30 of 100 epochs)
     centering: bool = True  # subtract the running mean of teacher outputs; false collapses (an ablation)
     center_momentum: float = 0.9  # EMA of the centre, per step
