@@ -123,13 +123,16 @@ class Study(Bench):
                 "--model.vit_patch_size", str(a.patch), "--max-steps", str(steps), "--batch-size",
                 str(self.opts.batch_size), "--save-every", "0", "--knn-every", "0", "--seed", str(seed),
                 "--output-dir", str(out), "--resume", "auto", *FLAGS[contender]]
-        summary = pretrain(parse_pretrain_config(argv))
+        if not ((out / "summary.json").is_file() and (out / "export" / "model.json").is_file()):
+            pretrain(parse_pretrain_config(argv))  # an interrupted run resumes from its checkpoint
+            # the study uses the export; the resumable state (~250 MB a run) is dead once the run is complete
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        summary = json.loads((out / "summary.json").read_text())
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        seconds_per_step = self.opts.batch_size / summary.images_per_sec
-        self.record(key, {"steps": steps, "seconds_per_step": seconds_per_step,
-                          "seconds_per_epoch": self.train_count / summary.images_per_sec,
-                          "final_loss": summary.final_loss, "collapse_warnings": sum("collapse_warning" in r
-                                                                                     for r in records)})
+        self.record(key, {"steps": steps, "seconds_per_step": self.opts.batch_size / summary["images_per_sec"],
+                          "seconds_per_epoch": self.train_count / summary["images_per_sec"],
+                          "final_loss": summary["final_loss"],
+                          "collapse_warnings": sum("collapse_warning" in r for r in records)})
         return out
 
     # ------------------------------------------------------------------ evaluation
@@ -165,7 +168,8 @@ class Study(Bench):
         self.record(key, {split: {m: result[split][m] for m in METRICS} for split in ("val", "test")}
                     | {"best_step": result["best_step"], "steps": result["steps"], "labelled": labelled,
                        "seconds": time.perf_counter() - started})
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # dead once recorded; a full grid is tens of GB
+        for dead in ("checkpoints", "best"):  # weights, dead once recorded: 1,134 runs would fill ~50 GB
+            shutil.rmtree(out / dead, ignore_errors=True)
 
     def run(self) -> None:
         self.make_shards()
