@@ -62,10 +62,14 @@ class CollapseMonitor:
 
     def update(self, stats_cnn: dict[str, float], stats_vit: dict[str, float]) -> str | None:
         """Return a warning naming the branches that just collapsed, or None."""
+        return self.check({"cnn": stats_cnn, "vit": stats_vit})
+
+    def check(self, stats_by_branch: dict[str, dict[str, float]]) -> str | None:
+        """Like ``update`` for any set of branches (a one-backbone method such as DINO has one)."""
         newly = []
-        for branch, stats in (("cnn", stats_cnn), ("vit", stats_vit)):
+        for branch, stats in stats_by_branch.items():
             now = self.is_collapsed(stats)
-            if now and not self.collapsed[branch]:
+            if now and not self.collapsed.get(branch, False):
                 newly.append(
                     f"{branch} (std {stats['std']:.2g} vs healthy {1 / math.sqrt(stats['dim']):.2g}, "
                     f"effective rank {stats['eff_rank']:.2f})"

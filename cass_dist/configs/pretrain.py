@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from cass_dist.configs.base import RUN_ALIASES, FieldError, RunSection, parse_config
+from cass_dist.configs.methods import DinoSection
 
 # One constant, chosen by benchmarks/objectives.py and owned by the objectives module.
 from cass_dist.losses.cass import DEFAULT_OBJECTIVE
@@ -163,12 +164,14 @@ class MonitorSection:
 class PretrainConfig:
     """CASS pretraining: a CNN and a ViT learn together without labels."""
 
+    method: Literal["cass", "dino"] = "cass"  # cass: the CNN and the ViT teach each other; dino: one backbone, EMA teacher
     data: DataSection = field(default_factory=DataSection)
     model: ModelSection = field(default_factory=ModelSection)
     objective: ObjectiveSection = field(default_factory=ObjectiveSection)
     optim: OptimSection = field(default_factory=OptimSection)
     run: RunSection = field(default_factory=RunSection)
     monitor: MonitorSection = field(default_factory=MonitorSection)
+    dino: DinoSection = field(default_factory=DinoSection)  # used by --method dino only
 
 
 DEMO_SHARDS = "shards/demo"

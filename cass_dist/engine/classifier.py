@@ -56,9 +56,9 @@ def build_backbone(model_cfg: DownstreamModelSection, branch: str) -> tuple[nn.M
         if not Path(init).exists():
             raise WeightsUnavailableError(f"model.init {init!r}: no such run dir, export dir or file, and not one of "
                                     f"{BUILTIN_INITS}")
+        backbone = load_backbone(init, branch, num_classes=0)  # first: it names a branch the export lacks
         spec = read_export_info(init)[branch]
         name, kwargs = spec["name"], {**spec["timm_kwargs"], "num_classes": 0}
-        backbone = load_backbone(init, branch, num_classes=0)
     if model_cfg.grad_checkpointing:
         backbone.set_grad_checkpointing(True)
     return backbone, {"name": name, "timm_kwargs": kwargs}

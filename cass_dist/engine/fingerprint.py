@@ -28,7 +28,7 @@ from cass_dist.engine.checkpoint import FORCE_FILES
 GLOBAL_BATCH = "global_batch"  # data.batch_size x processes x run.grad_accum_steps
 DATA_DIGEST = "data.manifest_digest"  # sha256 of the shard set's manifest: the exact dataset
 PRETRAIN_FIELDS = (
-    "method",  # the pretraining method (CASS, DINO ...), once configs have it
+    "method",  # the pretraining method (CASS, DINO ...); a method other than CASS adds its own section (dino)
     "model.cnn", "model.vit", "model.embed_dim", "model.head", "model.proj_hidden_dim", "model.vit_patch_size",
     "objective.name", "objective.kwargs", "optim.optimizer",
     "data.train_split", "data.image_size", "data.views", "run.seed",
@@ -96,7 +96,9 @@ def _plain(value: Any) -> Any:
 
 def pretrain_fingerprint(cfg: Any, manifest, world_size: int) -> dict[str, Any]:
     """Return the fingerprint of a pretraining run (a PretrainConfig on ``manifest``'s data)."""
-    return config_fingerprint(cfg, PRETRAIN_FIELDS, world_size=world_size, manifest_digest=manifest.digest())
+    method_fields = (getattr(cfg, "method", "cass"),) if getattr(cfg, "method", "cass") != "cass" else ()
+    return config_fingerprint(cfg, PRETRAIN_FIELDS + method_fields, world_size=world_size,
+                              manifest_digest=manifest.digest())
 
 
 def finetune_fingerprint(cfg: Any, manifest, world_size: int) -> dict[str, Any]:

@@ -1,8 +1,9 @@
-"""CASS pretraining loop, readable top to bottom (in the spirit of DINO's main_dino.py).
+"""The pretraining loop, readable top to bottom (in the spirit of DINO's main_dino.py), for every method.
 
-    config -> Run (Accelerator, run dir, trackers, signals) -> CASSPretrainer + AdamW with per-branch
-    groups -> resume -> for each step: a window of grad_accum_steps micro-batches, lr from warmup +
-    cosine by global step, backward, clip, step -> log / kNN / checkpoint -> final checkpoint + export.
+    config -> Run (Accelerator, run dir, trackers, signals) -> the method (CASS or DINO, see
+    cass_dist/methods) + AdamW with its groups -> resume -> for each step: a window of grad_accum_steps
+    micro-batches, lr from warmup + cosine by global step, backward, clip, step, the method's
+    after-step (DINO's EMA teacher) -> log / kNN / checkpoint -> final checkpoint + export.
 
 The data loader splits the shards by rank itself, so it is never passed to ``accelerator.prepare``.
 """
@@ -31,8 +32,9 @@ from cass_dist.engine.probe import extract_features, knn_predict
 from cass_dist.engine.run import Run
 from cass_dist.engine.step import count_steps, lr_factor, optimizer_step, set_lrs
 from cass_dist.errors import CassError
-from cass_dist.losses.cass import build_objective
-from cass_dist.models import CASS, CASSPretrainer, export_backbones
+from cass_dist.methods import Method, build_method
+from cass_dist.models import export_backbones
+from cass_dist.models.backbones import pooled_features
 from cass_dist.monitor import CollapseMonitor, embedding_stats
 from cass_dist.utils.deepspeed import check_launch as check_deepspeed_launch
 from cass_dist.utils.distributed import sync_batchnorm
@@ -56,40 +58,30 @@ class PretrainSummary:
     checkpoint: str
     export_dir: str  # empty when the run stopped early (signal): resume it to finish and export
     stopped_by: str  # "" when the run completed, else the signal that stopped it
+    method: str = "cass"  # the pretraining method (cfg.method)
 
     def describe(self) -> str:
-        lines = [f"steps {self.steps}, {self.images_per_sec:.1f} images/s, final loss {self.final_loss:.4f}",
-                 f"embedding std cnn {self.embed_std_cnn:.4f}, vit {self.embed_std_vit:.4f}",
+        stds = ", ".join(f"{b} {v:.4f}" for b, v in (("cnn", self.embed_std_cnn), ("vit", self.embed_std_vit))
+                         if not math.isnan(v))  # a one-backbone method (DINO) has one
+        lines = [f"{self.method}: steps {self.steps}, {self.images_per_sec:.1f} images/s, final loss {self.final_loss:.4f}",
+                 f"embedding std {stds or 'not measured'}",
                  f"checkpoint: {self.checkpoint}"]
         lines.append(f"export: {self.export_dir}" if self.export_dir else
                      f"stopped by {self.stopped_by}: resume with --resume auto to finish")
         return "\n".join(lines)
 
 
-def build_pretrainer(cfg: PretrainConfig) -> CASSPretrainer:
-    """Return the CASS pair + objective as one module (grad checkpointing, channels_last, compile applied)."""
-    m = cfg.model
-    cass = CASS(m.cnn, m.vit, embed_dim=m.embed_dim, head=m.head, proj_hidden_dim=m.proj_hidden_dim,
-                img_size=cfg.data.image_size, vit_patch_size=m.vit_patch_size, drop_path_rate=m.drop_path_rate,
-                pretrained=m.pretrained, cnn_pretrained_file=m.pretrained_cnn_file or None,
-                vit_pretrained_file=m.pretrained_vit_file or None, cache_dir=m.cache_dir or None)
-    if m.grad_checkpointing:
-        cass.set_grad_checkpointing(True)
-    if m.channels_last:
-        cass.cnn.to(memory_format=torch.channels_last)
-    if m.compile:  # in place, so state_dict keys (checkpoints, exports) stay unprefixed
-        cass.cnn.compile()
-        cass.vit.compile()
-    return CASSPretrainer(cass, build_objective(cfg.objective.name, embed_dim=m.embed_dim, gather=cfg.objective.gather,
-                                                **cfg.objective.kwargs))
+def build_pretrainer(cfg: PretrainConfig) -> Method:
+    """Return the configured method (``cfg.method``: CASS or DINO) as one module; see cass_dist.methods."""
+    return build_method(cfg)
 
 
-def build_optimizer(cfg: OptimSection, model: CASSPretrainer) -> torch.optim.Optimizer:
-    """Return Adam(W) over the model's per-branch parameter groups (each group keeps its ``name``)."""
-    groups = model.param_groups(lr_cnn=cfg.lr_cnn, lr_vit=cfg.lr_vit, weight_decay_cnn=cfg.weight_decay_cnn,
-                                weight_decay_vit=cfg.weight_decay_vit)
+def build_optimizer(cfg: OptimSection, model: Method, *, world_size: int = 1) -> torch.optim.Optimizer:
+    """Return Adam(W) over the method's parameter groups (each group keeps its ``name``), hooks attached."""
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return cls(groups, betas=tuple(cfg.betas), eps=cfg.eps)
+    optimizer = cls(model.optimizer_groups(cfg, world_size=world_size), betas=tuple(cfg.betas), eps=cfg.eps)
+    model.attach_optimizer(optimizer)
+    return optimizer
 
 
 def build_train_loader(cfg: PretrainConfig, accelerator, epoch: int, start_batch: int | dict) -> Iterable[dict]:
@@ -121,7 +113,7 @@ def pretrain(cfg: PretrainConfig, *, make_loader: LoaderFactory = build_train_lo
 
 def _train(cfg: PretrainConfig, run: Run, manifest: Manifest, make_loader: LoaderFactory) -> PretrainSummary:
     acc, accum = run.accelerator, cfg.run.grad_accum_steps
-    model = build_pretrainer(cfg)
+    model = build_method(cfg)
     # the whole module: CNN, projector heads, predictors (VICReg's and BYOL's recipe); before DDP wraps it
     model, sync_bn_note = sync_batchnorm(model, cfg.model.sync_bn, num_processes=acc.num_processes, device=acc.device)
     run.print(sync_bn_note)
@@ -135,7 +127,8 @@ def _train(cfg: PretrainConfig, run: Run, manifest: Manifest, make_loader: Loade
         run.print(f"WARNING: objective {cfg.objective.name} computes its batch statistics per micro-batch "
                   f"({images} images), not over the {accum} micro-batches of a step: run.grad_accum_steps "
                   f"changes what it optimises (docs/distributed.md)")
-    optimizer = build_optimizer(cfg.optim, model)
+    optimizer = build_optimizer(cfg.optim, model, world_size=acc.num_processes)
+    method = model  # the unwrapped module, for the calls DDP does not forward
     base_lrs = [g["lr"] for g in optimizer.param_groups]  # before resume: load_state overwrites "lr"
     branch_of_group = [g["name"] for g in optimizer.param_groups]
     model, optimizer = acc.prepare(model, optimizer)
@@ -149,8 +142,7 @@ def _train(cfg: PretrainConfig, run: Run, manifest: Manifest, make_loader: Loade
         loader = make_loader(cfg, acc, state.epoch, state.data_position or state.batch_in_epoch)
     total_steps, steps_per_epoch = count_steps(batches_per_epoch, grad_accum_steps=accum, max_steps=cfg.run.max_steps,
                                                epochs=cfg.run.epochs, split=cfg.data.train_split)
-    run.print(f"{type(acc.unwrap_model(model).model.cnn).__name__} + {type(acc.unwrap_model(model).model.vit).__name__},"
-              f" objective {cfg.objective.name}: {total_steps} steps of {cfg.data.batch_size * accum * acc.num_processes}"
+    run.print(f"{method.summary_line()}: {total_steps} steps of {cfg.data.batch_size * accum * acc.num_processes}"
               f" images ({steps_per_epoch} steps per epoch)")
 
     finished = run.dir / "summary.json"
@@ -160,20 +152,20 @@ def _train(cfg: PretrainConfig, run: Run, manifest: Manifest, make_loader: Loade
                   + summary.describe())
         return summary
 
-    transform = manifest_transform(cfg.data.transform, manifest, image_size=cfg.data.image_size, views=cfg.data.views)
+    # the method's own augmentation (DINO's multi-crop), else the data section's (CASS: data.views views)
+    transform = method.view_transform(manifest) or manifest_transform(
+        cfg.data.transform, manifest, image_size=cfg.data.image_size, views=cfg.data.views)
 
     def forward(batch: dict) -> dict:
-        # uint8 off the loader, augmented on the device; data.views=2: the CNN gets the first view, the ViT the second
+        # uint8 off the loader, augmented on the device. CASS: the CNN gets views[0], the ViT views[-1]
+        # (data.views=2: two augmentations); DINO: 2 global crops, then the local ones
         views = transform(batch["image"].to(acc.device, non_blocking=True), seed=batch["seed"])
-        cnn_images, vit_images = views[0], views[-1]
-        if cfg.model.channels_last:
-            cnn_images = cnn_images.contiguous(memory_format=torch.channels_last)
-        return model(cnn_images, vit_images)
+        return model(views, global_step=state.global_step, total_steps=total_steps)
 
     monitor = CollapseMonitor(cfg.monitor.collapse_std_fraction, cfg.monitor.collapse_min_eff_rank)
     progress = tqdm(total=total_steps, initial=state.global_step, disable=not run.is_main, desc="pretrain")
     window_loss = torch.zeros((), device=acc.device)
-    stats = {"cnn": {}, "vit": {}}
+    stats: dict[str, dict] = {}
     images_seen, data_time, bad_in_a_row, last_loss = 0, 0.0, 0, float("nan")
     skips = SkipTracker(manifest, cfg.data.shards, cfg.data.train_split, cfg.data.max_skipped_fraction,
                         print_fn=run.print)
@@ -202,6 +194,8 @@ def _train(cfg: PretrainConfig, run: Run, manifest: Manifest, make_loader: Loade
             finite, loss_sum, out, stop_agreed = optimizer_step(acc, model, optimizer, window, forward,
                                                                 clip_grad=cfg.run.clip_grad,
                                                                 stop_requested=run.stop_requested)
+            if finite:  # a skipped step changed no weight: nothing for the method to follow
+                method.after_step(state.global_step, total_steps)  # DINO: the EMA teacher (by global step)
             window_loss += loss_sum / accum
             window_images = sum(len(batch["image"]) for batch in window) * acc.num_processes
             images_seen += window_images
@@ -238,15 +232,15 @@ def _train(cfg: PretrainConfig, run: Run, manifest: Manifest, make_loader: Loade
                            "nonfinite_steps": state.nonfinite_steps,
                            "skipped_samples": skips.check(loader, acc, state.epoch)}
                 metrics.update({k: float(v) for k, v in out.items()
-                                if k not in ("loss", "z_cnn", "z_vit") and torch.is_tensor(v) and v.numel() == 1})
+                                if k != "loss" and not k.startswith("z_") and (isinstance(v, float) or torch.is_tensor(v) and v.numel() == 1)})
                 for group, name in zip(optimizer.param_groups, branch_of_group):
                     metrics.setdefault(f"lr_{name}", group["lr"])
                 if torch.cuda.is_available():
                     metrics["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-                for branch in ("cnn", "vit"):
+                for branch in (key[2:] for key in out if key.startswith("z_")):  # each branch the method trains
                     stats[branch] = embedding_stats(out[f"z_{branch}"])
                     metrics.update({f"embed_{k}_{branch}": v for k, v in stats[branch].items() if k != "dim"})
-                warning = monitor.update(stats["cnn"], stats["vit"])
+                warning = monitor.check(stats)
                 if warning:
                     run.print(f"WARNING step {state.global_step}: {warning}")
                     metrics["collapse_warning"] = 1
@@ -258,7 +252,7 @@ def _train(cfg: PretrainConfig, run: Run, manifest: Manifest, make_loader: Loade
 
             t0 = time.perf_counter()  # evaluation and checkpoints do not count against images/s
             if cfg.monitor.knn_every and state.global_step % cfg.monitor.knn_every == 0:
-                run.log(state.global_step, knn_accuracy(cfg, acc, acc.unwrap_model(model).model, manifest,
+                run.log(state.global_step, knn_accuracy(cfg, acc, method.backbones(), manifest,
                                                         loaders=knn_loaders))
             if cfg.run.save_every and state.global_step % cfg.run.save_every == 0:
                 checkpoint, saved_step = str(run.save(state)), state.global_step
@@ -277,7 +271,7 @@ def _train(cfg: PretrainConfig, run: Run, manifest: Manifest, make_loader: Loade
     export_dir = ""
     if not stopping:
         if run.is_main:
-            export_backbones(acc.unwrap_model(model), run.export_dir,
+            export_backbones(method, run.export_dir,
                              extra={"config": asdict(cfg), "manifest_digest": manifest.digest(),
                                     "steps": state.global_step})
             export_dir = str(run.export_dir)
@@ -285,31 +279,32 @@ def _train(cfg: PretrainConfig, run: Run, manifest: Manifest, make_loader: Loade
     train_time = time.perf_counter() - train_start - paused
     summary = PretrainSummary(
         steps=state.global_step, images_per_sec=images_seen / max(train_time, 1e-9), final_loss=last_loss,
-        embed_std_cnn=stats["cnn"].get("std", float("nan")), embed_std_vit=stats["vit"].get("std", float("nan")),
+        embed_std_cnn=stats.get("cnn", {}).get("std", float("nan")),
+        embed_std_vit=stats.get("vit", {}).get("std", float("nan")),
         nonfinite_steps=state.nonfinite_steps, checkpoint=checkpoint,
         skipped_samples=skips.check(loader, acc, state.epoch),
-        export_dir=export_dir, stopped_by=(run.stop_signal or "peer") if stopping else "")
+        export_dir=export_dir, stopped_by=(run.stop_signal or "peer") if stopping else "", method=cfg.method)
     if run.is_main:
         write_json_atomic(run.dir / "summary.json", asdict(summary))
         run.print("summary:\n" + summary.describe() + (f"\n{skips.describe()}" if skips.total else ""))
     return summary
 
 
-class _BothFeatures(torch.nn.Module):
-    """Pooled CNN and ViT features side by side, so one pass over the data serves both kNN probes."""
+class _AllFeatures(torch.nn.Module):
+    """Pooled features of every backbone side by side, so one pass over the data serves every kNN probe."""
 
-    def __init__(self, cass: CASS):
+    def __init__(self, backbones: dict[str, torch.nn.Module]):
         super().__init__()
-        self.cass = cass
+        self.backbones = torch.nn.ModuleDict(backbones)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.cat(self.cass.features(images), dim=1)
+        return torch.cat([pooled_features(b, images) for b in self.backbones.values()], dim=1)
 
 
 @torch.no_grad()
-def knn_accuracy(cfg: PretrainConfig, accelerator, cass: CASS, manifest: Manifest,
+def knn_accuracy(cfg: PretrainConfig, accelerator, backbones: dict[str, torch.nn.Module], manifest: Manifest,
                  loaders: dict | None = None) -> dict[str, float]:
-    """Return ``{"knn_acc_cnn", "knn_acc_vit"}``: weighted kNN on the val split over a train-split bank.
+    """Return ``{"knn_acc_<branch>"}`` per backbone: weighted kNN on the val split over a train-split bank.
 
     Returns {} when the shard set has no val split or only multi-label targets. Call on every rank.
     ``loaders`` (a dict kept by the caller) keeps the evaluation loaders, and their workers, for the next call.
@@ -329,14 +324,14 @@ def knn_accuracy(cfg: PretrainConfig, accelerator, cass: CASS, manifest: Manifes
         return loaders[split]
 
     bank_batches = math.ceil(cfg.monitor.knn_max_train / (d.batch_size * accelerator.num_processes))
-    both = _BothFeatures(cass)
+    every = _AllFeatures(backbones)
     transform = manifest_transform("eval", manifest, image_size=d.image_size)
-    bank, bank_labels, _ = extract_features(both, itertools.islice(loader(d.train_split), bank_batches),
+    bank, bank_labels, _ = extract_features(every, itertools.islice(loader(d.train_split), bank_batches),
                                             accelerator=accelerator, transform=transform)
-    query, query_labels, _ = extract_features(both, loader(d.val_split), accelerator=accelerator, transform=transform)
-    split_at = cass.cnn.num_features
-    out = {}
-    for branch, cols in (("cnn", slice(0, split_at)), ("vit", slice(split_at, None))):
+    query, query_labels, _ = extract_features(every, loader(d.val_split), accelerator=accelerator, transform=transform)
+    out, start = {}, 0
+    for branch, backbone in backbones.items():
+        cols, start = slice(start, start + backbone.num_features), start + backbone.num_features
         probs = knn_predict(bank[:, cols], bank_labels, query[:, cols], num_classes=manifest.num_classes,
                             k=cfg.monitor.knn_k)
         out[f"knn_acc_{branch}"] = float((probs.argmax(1) == query_labels).float().mean())

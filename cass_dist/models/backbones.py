@@ -39,6 +39,7 @@ def timm_kwargs(
     img_size: int | None = None,
     patch_size: int | None = None,
     drop_path_rate: float | None = None,
+    dynamic_img_size: bool = False,
 ) -> dict[str, Any]:
     """Return the ``timm.create_model`` keywords (besides the name) that rebuild this architecture.
 
@@ -54,6 +55,8 @@ def timm_kwargs(
         kwargs["patch_size"] = int(patch_size)
     if drop_path_rate is not None:
         kwargs["drop_path_rate"] = float(drop_path_rate)
+    if dynamic_img_size:  # a ViT that takes any input size (DINO's local crops): interpolated position embeddings
+        kwargs["dynamic_img_size"] = True
     return kwargs
 
 
@@ -64,6 +67,7 @@ def create_backbone(
     img_size: int | None = None,
     patch_size: int | None = None,
     drop_path_rate: float | None = None,
+    dynamic_img_size: bool = False,
     pretrained: bool = False,
     pretrained_file: str | Path | None = None,
     cache_dir: str | Path | None = None,
@@ -81,7 +85,8 @@ def create_backbone(
             the hub (offline or unreachable) has them.
     """
     kwargs = timm_kwargs(
-        name, num_classes=num_classes, img_size=img_size, patch_size=patch_size, drop_path_rate=drop_path_rate
+        name, num_classes=num_classes, img_size=img_size, patch_size=patch_size, drop_path_rate=drop_path_rate,
+        dynamic_img_size=dynamic_img_size,
     )
     if pretrained_file is not None:
         return _create_from_file(name, Path(pretrained_file), kwargs)

@@ -1,11 +1,14 @@
-"""Export the two pretrained backbones as plain timm safetensors files, and load them back.
+"""Export the pretrained backbones as plain timm safetensors files, and load them back.
 
 An export directory holds::
 
     cnn.safetensors   the CNN's timm state dict (metadata: timm_model)
     vit.safetensors   the ViT's timm state dict
-    model.json        names, timm keywords to rebuild each branch, embed dim, and ``extra`` (config,
-                      manifest digest); written last, so its presence means the export is complete
+    model.json        names, timm keywords to rebuild each branch, embed dim, the exported ``branches``
+                      and ``extra`` (config, manifest digest); written last, so its presence means the
+                      export is complete
+
+CASS exports both branches; a one-backbone method (DINO) exports only its own (``branches``).
 
 Each file loads in plain timm::
 
@@ -36,33 +39,31 @@ BRANCHES = ("cnn", "vit")
 
 
 def export_backbones(model: CASS, out_dir: str | Path, *, extra: dict[str, Any] | None = None) -> dict[str, Path]:
-    """Write ``cnn.safetensors``, ``vit.safetensors`` and ``model.json``; returns their paths by key.
+    """Write ``<branch>.safetensors`` per exported branch and ``model.json``; returns their paths by key.
 
     ``out_dir`` is a run dir (files go to ``out_dir/export/``) or an export dir itself (a path named
-    ``export``). ``model`` may be a CASS or a wrapper holding it as ``.model`` (CASSPretrainer); unwrap
-    DDP/Accelerate first. ``extra`` must be JSON-serialisable (Paths are written as strings). Every file
-    is written to a temporary name and renamed; ``model.json`` last. Raises TypeError for a model that
-    is not a CASS.
+    ``export``). ``model`` may be a CASS, a wrapper holding it as ``.model`` (CASSPretrainer), or a
+    module with ``export_parts() -> ({branch: backbone}, description)`` (a pretraining method with one
+    branch, e.g. DINO); unwrap DDP/Accelerate first. ``model.json`` lists the exported ``branches``.
+    ``extra`` must be JSON-serialisable (Paths are written as strings). Every file is written to a
+    temporary name and renamed; ``model.json`` last. Raises TypeError for a model that is none of these.
     """
-    cass = getattr(model, "model", model)
-    if not isinstance(cass, CASS):
-        raise TypeError(f"export_backbones needs a CASS model (or a module with .model), got {type(model).__name__}")
+    backbones, description = _export_parts(model)
     out = Path(out_dir)
     export_dir = out if out.name == EXPORT_DIR else out / EXPORT_DIR
     export_dir.mkdir(parents=True, exist_ok=True)
     json_path = export_dir / MODEL_JSON
     json_path.unlink(missing_ok=True)  # until the new one is written, the export is incomplete
-    description = cass.describe()
     paths: dict[str, Path] = {}
-    for branch in BRANCHES:
+    for branch, backbone in backbones.items():
         path = export_dir / f"{branch}.safetensors"
-        state = {k: v.detach().cpu().contiguous() for k, v in getattr(cass, branch).state_dict().items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
         _atomic(path, lambda tmp, state=state, branch=branch: save_file(
             state, tmp, metadata={"format": "pt", "timm_model": description[branch]["name"], "branch": branch}
         ))
         description[branch]["file"] = path.name
         paths[branch] = path
-    info = {"format_version": EXPORT_FORMAT_VERSION, **description, "extra": extra or {}}
+    info = {"format_version": EXPORT_FORMAT_VERSION, **description, "branches": list(backbones), "extra": extra or {}}
     _atomic(json_path, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2, default=str) + "\n"))
     paths["model_json"] = json_path
     return paths
@@ -102,6 +103,9 @@ def load_backbone(
         raise ValueError(f"branch must be one of {BRANCHES}, got {branch!r}")
     path = Path(path)
     info = read_export_info(path)
+    if branch not in info.get("branches", BRANCHES):
+        raise WeightsUnavailableError(f"the export at {path} holds only {info['branches']} (method "
+                                      f"{info.get('method', 'cass')}), not the {branch!r} branch")
     spec = info[branch]
     weights = path if path.suffix == ".safetensors" else _export_dir(path) / spec["file"]
     if not weights.is_file():
@@ -115,6 +119,17 @@ def load_backbone(
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     return create_backbone(spec["name"], **kwargs, pretrained_file=weights)
+
+
+def _export_parts(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, Any]]:
+    """The backbones to export by branch and the description that goes into model.json."""
+    if hasattr(model, "export_parts"):
+        return model.export_parts()
+    cass = getattr(model, "model", model)
+    if not isinstance(cass, CASS):
+        raise TypeError(f"export_backbones needs a CASS model, a module with .model or with export_parts(), "
+                        f"got {type(model).__name__}")
+    return {branch: getattr(cass, branch) for branch in BRANCHES}, cass.describe()
 
 
 def _export_dir(path: Path) -> Path:

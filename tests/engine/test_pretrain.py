@@ -15,6 +15,7 @@ from cass_dist.data.synthetic import build_synthetic
 from cass_dist.engine import pretrain as pretrain_module
 from cass_dist.engine.pretrain import NonFiniteLossError, pretrain
 from cass_dist.engine.step import count_steps, lr_factor
+from cass_dist.methods import cass as cass_method_module
 from cass_dist.models import load_backbone
 
 
@@ -86,7 +87,7 @@ def test_default_objective_run_end_to_end(shards, tmp_path):
 @pytest.mark.parametrize("views", [1, 2])
 def test_with_two_views_each_branch_trains_on_its_own_augmentation(shards, tmp_path, monkeypatch, views):
     seen = {"cnn": [], "vit": []}
-    real = pretrain_module.build_pretrainer
+    real = pretrain_module.build_method
 
     def recording(cfg):
         model = real(cfg)
@@ -95,7 +96,7 @@ def test_with_two_views_each_branch_trains_on_its_own_augmentation(shards, tmp_p
                 lambda module, args, branch=branch: seen[branch].append(args[0].detach().clone()))
         return model
 
-    monkeypatch.setattr(pretrain_module, "build_pretrainer", recording)
+    monkeypatch.setattr(pretrain_module, "build_method", recording)
     summary = pretrain(tiny(shards, tmp_path, "--max-steps", "10", "--views", str(views), "--transform", "ssl"))
     assert len(seen["cnn"]) == len(seen["vit"]) == 10 and seen["cnn"][0].shape == (16, 3, 32, 32)
     same = [torch.equal(a, b) for a, b in zip(seen["cnn"], seen["vit"])]
@@ -123,8 +124,8 @@ class NaNAfter(torch.nn.Module):
 
 
 def with_nan_objective(monkeypatch, bad_calls):
-    real = pretrain_module.build_objective
-    monkeypatch.setattr(pretrain_module, "build_objective", lambda *a, **k: NaNAfter(real(*a, **k), bad_calls))
+    real = cass_method_module.build_objective
+    monkeypatch.setattr(cass_method_module, "build_objective", lambda *a, **k: NaNAfter(real(*a, **k), bad_calls))
 
 
 def test_a_non_finite_step_is_skipped_and_counted(shards, tmp_path, monkeypatch):

@@ -1,0 +1,211 @@
+"""Is CASS worth it? CASS against DINO, supervised training and raw pixels, side by side, through the product.
+
+Per dataset (PneumoniaMNIST and BreastMNIST at 28 px, the brain MRI folder at 64 px) and seed:
+
+1. pretraining without labels on the train split, at two budgets: equal STEPS (``--steps`` each) and
+   equal WALL-CLOCK (each method gets the seconds CASS-defaults took for ``--steps``, converted to
+   its own steps with its own measured seconds per step). Contenders: ``cass`` (the defaults),
+   ``cass-paper`` (the paper objective: its loss on the linear heads, one shared view), ``dino-vit``
+   and ``dino-cnn`` (``--method dino``, its defaults). resnet18 + vit_tiny (patch = image / 4, 16
+   tokens), the ``demo`` preset's optimizer; each run records its seconds per step and per epoch
+   (training only, on this machine: the paper's "69% less time than DINO" is a ratio of these);
+2. kNN and linear probes (frozen features, test split) of every exported backbone, of random-init
+   backbones and of raw pixels;
+3. fine-tuning F1 and AUROC at each ``--ft-fractions`` of the labels, from each pretrained backbone
+   and from random init (the supervised baseline), at each ``--ft-lrs``; the tables use the lr each
+   seed's validation F1 picks, and give paired differences (same seed) of CASS against the others.
+
+Every unit of work lands in ``<work>/<dataset>/results.json`` as soon as it is done (the store,
+locking, shards and probes are ``pretraining_helps.Bench``'s), so an interrupted run resumes and
+processes with different ``--seeds`` can share a work dir; ``--table`` only prints the tables.
+
+    OMP_NUM_THREADS=1 python benchmarks/cass_vs_baselines.py --quick          # minutes: the plumbing
+    OMP_NUM_THREADS=1 python benchmarks/cass_vs_baselines.py                  # the full study
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from argparse import Namespace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared benchmark harness lives beside this file
+from cass_vs_baselines_tables import CONTENDERS, PRETRAINED, all_tables, equal_time_steps  # noqa: E402
+from pretraining_helps import METRICS, Bench  # noqa: E402
+
+from cass_dist.configs.finetune import parse_finetune_config  # noqa: E402
+from cass_dist.configs.pretrain import parse_pretrain_config  # noqa: E402
+from cass_dist.engine.classifier import build_backbone  # noqa: E402
+from cass_dist.engine.finetune import finetune  # noqa: E402
+from cass_dist.engine.pretrain import pretrain  # noqa: E402
+
+DATASETS = {  # name -> (cass-shards arguments before --out, image size)
+    "pneumoniamnist": (["medmnist", "pneumoniamnist", "--root", "../shared/data/pneumoniamnist"], 28),
+    "breastmnist": (["medmnist", "breastmnist", "--root", "../shared/data/breastmnist"], 28),
+    "brain_mri": (["folder", "../shared/data/brain_tumor_mri", "--resize", "64", "--mode", "L", "--dedupe"], 64),
+}
+FLAGS = {"cass": [], "cass-paper": ["--objective", "paper", "--head", "linear", "--views", "1"],
+         "dino-vit": ["--method", "dino", "--dino.backbone", "vit"],
+         "dino-cnn": ["--method", "dino", "--dino.backbone", "cnn"]}
+QUICK = dict(datasets=["breastmnist"], seeds=[0], steps=6, ft_steps=4, ft_fractions=[0.1], ft_lrs=[1e-3, 3e-3])
+
+
+def parse_args(argv=None) -> Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    p.add_argument("--work", default="runs/benchmarks/cass_vs_baselines", help="one folder per dataset inside")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--contenders", nargs="+", default=list(PRETRAINED), choices=list(PRETRAINED),
+                   help="pretrained contenders; supervised (random init) and raw pixels always run")
+    p.add_argument("--budgets", nargs="+", default=["steps", "time"], choices=["steps", "time"])
+    p.add_argument("--steps", type=int, default=600, help="pretraining steps of the equal-steps budget (batch 64)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--probe-fraction", type=float, default=1.0, help="share of train labels the probes fit on")
+    p.add_argument("--ft-fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0])
+    p.add_argument("--ft-lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3], help="each seed's val F1 picks one")
+    p.add_argument("--ft-steps", type=int, default=0,
+                   help="fine-tuning steps; 0 = the fine-tuning defaults (epochs, early stopping on val)")
+    p.add_argument("--stages", nargs="+", default=["probes", "finetune"], choices=["probes", "finetune"])
+    p.add_argument("--quick", action="store_true", help=f"tiny scale, for the plumbing: {QUICK}")
+    p.add_argument("--table", action="store_true", help="only print the tables of the results so far")
+    args = p.parse_args(argv)
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+        args.work = str(Path(args.work).with_name(Path(args.work).name + "-quick"))
+    return args
+
+
+class Study(Bench):
+    """One dataset: pretraining runs, probes and fine-tunes of every contender, in one results store."""
+
+    def __init__(self, args: Namespace, dataset: str):
+        self.source, image_size = DATASETS[dataset]
+        super().__init__(Namespace(dataset=dataset, root=None, work=str(Path(args.work) / dataset),
+                                   image_size=image_size, patch=image_size // 4, probe_fraction=args.probe_fraction))
+        self.opts = args
+
+    def make_shards(self) -> None:
+        from cass_dist.data.__main__ import main as cass_shards
+
+        with self.locked():
+            if not (self.shards / "manifest.json").is_file():
+                if cass_shards([*self.source, "--out", str(self.shards)]):
+                    raise SystemExit(f"cass-shards failed for {self.args.dataset}")
+        self.train_count = self.loader("train").num_samples
+
+    # ------------------------------------------------------------------ pretraining
+    def steps_for(self, contender: str, budget: str, seed: int) -> int:
+        """Return the pretraining steps of ``contender`` at ``budget`` (equal time: from measured s / step)."""
+        if budget == "steps" or contender == "cass":
+            return self.opts.steps
+        for measured in ("cass", contender):
+            self.pretrain(measured, "steps", seed)  # the equal-steps runs measure each method's seconds per step
+        cass, other = (self.results[f"pretrain/steps/{c}/seed{seed}"] for c in ("cass", contender))
+        return equal_time_steps(self.opts.steps, cass["seconds_per_step"], other["seconds_per_step"])
+
+    def pretrain(self, contender: str, budget: str, seed: int) -> Path:
+        """Return the run dir of the pretraining (made if missing; runs of equal step counts are shared)."""
+        key = f"pretrain/{budget}/{contender}/seed{seed}"
+        steps = self.results[key]["steps"] if self.done(key) else self.steps_for(contender, budget, seed)
+        out = self.work / "pretrain" / f"{contender}-seed{seed}-{steps}steps"
+        if self.done(key):
+            return out
+        a = self.args
+        argv = ["--preset", "demo", "--data", str(self.shards), "--image-size", str(a.image_size),
+                "--model.vit_patch_size", str(a.patch), "--max-steps", str(steps), "--batch-size",
+                str(self.opts.batch_size), "--save-every", "0", "--knn-every", "0", "--seed", str(seed),
+                "--output-dir", str(out), "--resume", "auto", *FLAGS[contender]]
+        if not ((out / "summary.json").is_file() and (out / "export" / "model.json").is_file()):
+            pretrain(parse_pretrain_config(argv))  # an interrupted run resumes from its checkpoint
+            # the study uses the export; the resumable state (~250 MB a run) is dead once the run is complete
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        summary = json.loads((out / "summary.json").read_text())
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        self.record(key, {"steps": steps, "seconds_per_step": self.opts.batch_size / summary["images_per_sec"],
+                          "seconds_per_epoch": self.train_count / summary["images_per_sec"],
+                          "final_loss": summary["final_loss"],
+                          "collapse_warnings": sum("collapse_warning" in r for r in records)})
+        return out
+
+    # ------------------------------------------------------------------ evaluation
+    def probes(self, contender: str, budget: str, seed: int) -> None:
+        key = f"probe/{budget}/{contender}/seed{seed}"
+        if self.done(key):
+            return
+        init = "random" if contender == "supervised" else str(self.pretrain(contender, budget, seed))
+        result = {}
+        for branch in CONTENDERS[contender]:
+            torch.manual_seed(seed)  # random init: each seed its own weights
+            backbone, _ = build_backbone(self.model_section(init), branch)
+            result[branch] = self.probe(backbone)
+        self.record(key, result)
+
+    def finetune_run(self, contender: str, budget: str, branch: str, fraction: float, seed: int, lr: float) -> None:
+        key = f"finetune/{budget}/{contender}/{branch}/f{fraction:g}/seed{seed}/lr{lr:g}"
+        if self.done(key):
+            return
+        a, o = self.args, self.opts
+        init = "random" if contender == "supervised" else str(self.pretrain(contender, budget, seed))
+        out = self.work / "finetune" / key.replace("/", "-")
+        labelled = self.loader("train", fraction).num_samples
+        argv = ["--data", str(self.shards), "--init", init, "--branch", branch,
+                "--model.vit_kwargs", json.dumps({"img_size": a.image_size, "patch_size": a.patch}),
+                "--label-fraction", str(fraction), "--image-size", str(a.image_size),
+                "--batch-size", str(min(32, labelled)), "--lr", f"{lr:.10f}", "--precision", "fp32",
+                "--seed", str(seed), "--output-dir", str(out), "--resume", "auto"]
+        if o.ft_steps:
+            argv += ["--max-steps", str(o.ft_steps), "--eval-every", str(max(1, o.ft_steps // 10)), "--patience", "5"]
+        started = time.perf_counter()
+        result = finetune(parse_finetune_config(argv))
+        self.record(key, {split: {m: result[split][m] for m in METRICS} for split in ("val", "test")}
+                    | {"best_step": result["best_step"], "steps": result["steps"], "labelled": labelled,
+                       "seconds": time.perf_counter() - started})
+        for dead in ("checkpoints", "best"):  # weights, dead once recorded: 1,134 runs would fill ~50 GB
+            shutil.rmtree(out / dead, ignore_errors=True)
+
+    def run(self) -> None:
+        self.make_shards()
+        o = self.opts
+        if "probes" in o.stages:
+            self.raw_pixels()
+        for seed in o.seeds:
+            for budget in o.budgets:
+                for contender in o.contenders:
+                    self.pretrain(contender, budget, seed)
+                    if "probes" in o.stages:
+                        self.probes(contender, budget, seed)
+            if "probes" in o.stages:
+                self.probes("supervised", "-", seed)
+            if "finetune" not in o.stages:
+                continue
+            for fraction in o.ft_fractions:
+                for budget, contender in [("-", "supervised")] + [(b, c) for b in o.budgets for c in o.contenders]:
+                    for branch in CONTENDERS[contender]:
+                        for lr in o.ft_lrs:
+                            self.finetune_run(contender, budget, branch, fraction, seed, lr)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    for dataset in args.datasets:
+        study = Study(args, dataset)
+        if not args.table:
+            study.run()
+        text = all_tables(study.results, dataset=dataset, seeds=args.seeds, budgets=args.budgets,
+                          contenders=args.contenders, fractions=args.ft_fractions, lrs=args.ft_lrs)
+        print(text)
+        (study.work / "tables.md").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
