@@ -37,13 +37,13 @@ sys.path.insert(0, str(REPO))
 
 def tiny_pretrainer(objective: str = "simsiam", channels_last: bool = False):
     from cass_dist.configs.pretrain import parse_pretrain_config
-    from cass_dist.engine.pretrain import build_pretrainer
+    from cass_dist.methods import build_method
 
     cfg = parse_pretrain_config(["--data", "unused", "--cnn", "resnet18", "--vit", "vit_tiny_patch16_224",
                                  "--image-size", "64", "--model.vit_patch_size", "8", "--embed-dim", "128",
                                  "--model.proj_hidden_dim", "256", "--objective", objective,
                                  "--model.channels_last", str(channels_last).lower()])
-    return build_pretrainer(cfg), cfg
+    return build_method(cfg), cfg
 
 
 def check_sync_bn() -> dict:

@@ -103,14 +103,15 @@ def original_step(args, device):
 
 
 def our_step(args, device, *, grad_checkpointing: bool | None = None, preset: str | None = None):
-    """Our engine's step (build_pretrainer, build_optimizer, Accelerate precision, the engine's
+    """Our engine's step (build_method, build_optimizer, Accelerate precision, the engine's
     optimizer_step); returns (closure, (model, cfg, precision, accelerator))."""
     from accelerate import Accelerator
 
     from cass_dist.configs.pretrain import parse_pretrain_config
-    from cass_dist.engine.pretrain import build_optimizer, build_pretrainer
+    from cass_dist.engine.pretrain import build_optimizer
     from cass_dist.engine.run import choose_precision
     from cass_dist.engine.step import optimizer_step
+    from cass_dist.methods import build_method
 
     if preset:
         cfg = parse_pretrain_config(["--preset", preset, "--data", "unused", "--pretrained", "false"])
@@ -124,7 +125,7 @@ def our_step(args, device, *, grad_checkpointing: bool | None = None, preset: st
         cfg.model.grad_checkpointing = grad_checkpointing
     precision, _ = choose_precision(cfg.run.precision)
     acc = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision), cpu=device.type == "cpu")
-    model = build_pretrainer(cfg)
+    model = build_method(cfg)
     if acc.num_processes > 1 and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # what model.sync_bn auto does
     optimizer = build_optimizer(cfg.optim, model)

@@ -71,11 +71,6 @@ class PretrainSummary:
         return "\n".join(lines)
 
 
-def build_pretrainer(cfg: PretrainConfig) -> Method:
-    """Return the configured method (``cfg.method``: CASS or DINO) as one module; see cass_dist.methods."""
-    return build_method(cfg)
-
-
 def build_optimizer(cfg: OptimSection, model: Method, *, world_size: int = 1) -> torch.optim.Optimizer:
     """Return Adam(W) over the method's parameter groups (each group keeps its ``name``), hooks attached."""
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam

@@ -47,14 +47,14 @@ def main(loop: str, out: Path, bad_call: int, shards: str) -> None:
     rank, built = int(os.environ["RANK"]), {}
     out.mkdir(parents=True, exist_ok=True)
     if loop == "pretrain":
-        real_pretrainer = pretrain_module.build_pretrainer
+        real_method = pretrain_module.build_method
 
-        def build_pretrainer(cfg):
-            built["model"] = model = real_pretrainer(cfg)
+        def build_method(cfg):
+            built["model"] = model = real_method(cfg)
             model.register_forward_hook(poison_on_rank_1(bad_call))
             return model
 
-        pretrain_module.build_pretrainer = build_pretrainer
+        pretrain_module.build_method = build_method
         # the defaults (vicreg, BatchNorm projector heads, sync_bn auto) on tiny models
         pretrain_module.pretrain(parse_pretrain_config([
             "--data", shards, "--output-dir", str(out / loop), "--cnn", "test_resnet", "--vit", "test_vit",

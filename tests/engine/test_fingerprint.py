@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
 
 import pytest
 
 from cass_dist.configs.base import ConfigError
 from cass_dist.configs.finetune import parse_finetune_config
-from cass_dist.configs.pretrain import PretrainConfig, parse_pretrain_config
+from cass_dist.configs.pretrain import parse_pretrain_config
 from cass_dist.engine.fingerprint import (
     DATA_DIGEST,
     GLOBAL_BATCH,
-    PRETRAIN_FIELDS,
     ResumeMismatchError,
     check_resume,
     config_changes,
-    config_fingerprint,
     finetune_fingerprint,
     flatten,
     parse_force,
@@ -117,23 +114,13 @@ def test_finetune_fingerprint_covers_init_labels_and_objective():
     assert check_resume(base, ft("--lr", "0.1", "--max-steps", "9", "--patience", "2")) == []
 
 
-def test_a_method_section_is_fingerprinted_field_by_field_once_configs_have_one():
-    @dataclass
-    class MethodSection:
-        name: str = "cass"
-        out_dim: int = 4096
-
-    @dataclass
-    class WithMethod(PretrainConfig):
-        method: MethodSection = field(default_factory=MethodSection)
-
-    assert "method" in PRETRAIN_FIELDS
-    base = dataclasses.replace(PretrainConfig(), data=dataclasses.replace(PretrainConfig().data, shards="s"))
-    assert not any(k.startswith("method") for k in config_fingerprint(base, PRETRAIN_FIELDS, world_size=1,
-                                                                      manifest_digest="d"))
-    cfg = WithMethod()
-    fp = config_fingerprint(cfg, PRETRAIN_FIELDS, world_size=1, manifest_digest="d")
-    assert fp["method.name"] == "cass" and fp["method.out_dim"] == 4096
-    dino = WithMethod(method=MethodSection(name="dino"))
-    with pytest.raises(ResumeMismatchError, match="method.name 'cass' -> 'dino'"):
-        check_resume(fp, config_fingerprint(dino, PRETRAIN_FIELDS, world_size=1, manifest_digest="d"))
+def test_the_method_is_fingerprinted_and_a_dino_run_its_dino_section_field_by_field():
+    cass = pre()
+    assert cass["method"] == "cass" and not any(k.startswith("dino.") for k in cass)  # CASS ignores dino.*
+    assert check_resume(cass, pre("--dino.out_dim", "128")) == []
+    dino = pre("--method", "dino")
+    assert dino["dino.out_dim"] == parse_pretrain_config(["--data", "s"]).dino.out_dim
+    with pytest.raises(ResumeMismatchError, match="method 'cass' -> 'dino'"):
+        check_resume(cass, dino)
+    with pytest.raises(ResumeMismatchError, match="dino.out_dim"):
+        check_resume(dino, pre("--method", "dino", "--dino.out_dim", "128"))

@@ -34,8 +34,8 @@ class MergedRanks:
 
     def __iter__(self):
         for parts in zip(*self.loaders):
-            yield {key: torch.cat([p[key] for p in parts]) if key != "key" else [k for p in parts for k in p[key]]
-                   for key in parts[0]}
+            yield {"image": torch.cat([p["image"] for p in parts]), "label": torch.cat([p["label"] for p in parts]),
+                   "key": [k for p in parts for k in p["key"]], "seed": parts[0]["seed"]}  # views ignore the seed
 
 
 def merged_ranks_loader(cfg, accelerator, epoch, start_batch):
