@@ -22,10 +22,16 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+# The environment as the session found it. Restoring to a copy taken per test is not enough: module-
+# and session-scoped fixtures run before a test's own fixtures, so what they set would be copied back.
+PRISTINE_ENVIRON = dict(os.environ)
+
+
 @pytest.fixture(autouse=True)
 def restore_environ():
-    """Entry points called in-process set variables (ACCELERATE_USE_CPU); keep them out of later tests."""
-    saved = dict(os.environ)
+    """Entry points called in-process (also from module fixtures) set variables such as ACCELERATE_USE_CPU,
+    which would turn a later ``accelerate launch`` of DeepSpeed into plain DDP; keep them out of later tests."""
     yield
-    os.environ.clear()
-    os.environ.update(saved)
+    for name in set(os.environ) - set(PRISTINE_ENVIRON) - {"PYTEST_CURRENT_TEST"}:  # pytest's own, it removes it
+        del os.environ[name]
+    os.environ.update(PRISTINE_ENVIRON)

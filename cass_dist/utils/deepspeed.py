@@ -8,6 +8,7 @@ Refused at launch, with the reason (docs/distributed.md):
   backward, so a window whose earlier micro-batches the non-finite guard would skip still steps on
   partial gradients. Raise the per-GPU batch or the process count instead.
 - ``gradient_clipping`` (DeepSpeed clips from its config) different from ``run.clip_grad``.
+- DeepSpeed with ``ACCELERATE_USE_CPU`` set: Accelerate then ignores DeepSpeed and trains plain DDP.
 """
 
 from __future__ import annotations
@@ -146,6 +147,10 @@ def check_launch(*, batch_size: int, grad_accum_steps: int, clip_grad: float) ->
     if not deepspeed_requested():
         return
     require_deepspeed()
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        raise LaunchConfigError("ACCELERATE_USE_CPU is set, and Accelerate then skips DeepSpeed without a word: the "
+                                "run would train as plain DDP and write DDP checkpoints; unset it (on a machine "
+                                "without CUDA DeepSpeed runs on gloo by itself)")
     if grad_accum_steps > 1:
         raise LaunchConfigError(f"run.grad_accum_steps: {grad_accum_steps} under DeepSpeed is refused: the engine "
                                 f"steps inside the last micro-batch's backward, so a window the non-finite guard "

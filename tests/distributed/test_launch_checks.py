@@ -25,7 +25,8 @@ def deepspeed_launch(monkeypatch):
     pytest.importorskip("deepspeed", reason='the deepspeed extra is not installed (pip install "cass-dist[deepspeed]")')
     pytest.importorskip("transformers")
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    for name in ("ACCELERATE_DEEPSPEED_CONFIG_FILE", "ACCELERATE_GRADIENT_CLIPPING", "ACCELERATE_DEEPSPEED_ZERO_STAGE"):
+    for name in ("ACCELERATE_DEEPSPEED_CONFIG_FILE", "ACCELERATE_GRADIENT_CLIPPING", "ACCELERATE_DEEPSPEED_ZERO_STAGE",
+                 "ACCELERATE_USE_CPU"):
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
 
@@ -33,6 +34,15 @@ def deepspeed_launch(monkeypatch):
 def test_fsdp_is_refused(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(LaunchConfigError, match="FSDP"):
+        check_launch(**RUN)
+
+
+def test_deepspeed_with_accelerate_use_cpu_is_refused(tmp_path, deepspeed_launch):
+    # Accelerate would quietly drop DeepSpeed and train plain DDP (what a leaked variable once did in CI).
+    deepspeed_launch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ds_json(tmp_path)))
+    check_launch(**RUN)
+    deepspeed_launch.setenv("ACCELERATE_USE_CPU", "true")
+    with pytest.raises(LaunchConfigError, match="ACCELERATE_USE_CPU is set.*skips DeepSpeed"):
         check_launch(**RUN)
 
 
