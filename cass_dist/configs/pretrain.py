@@ -60,7 +60,8 @@ class ModelSection:
     # objective (docs/objectives.md); linear: the timm classifier outputs, as in the paper
     head: Literal["linear", "mlp"] = "mlp"
     proj_hidden_dim: int = 2048
-    vit_patch_size: int | None = None  # None: the model's own; small images want small patches
+    vit_patch_size: int | None = None  # None: the model's own, or the largest smaller one giving >= 16 tokens
+    small_stem: bool | None = None  # CNN stem: stride-1 3x3 conv, no max-pool; None = on at image_size <= 64
     drop_path_rate: float | None = None
     pretrained: bool = False  # timm hub weights (network, or a filled cache_dir)
     pretrained_cnn_file: str = ""  # local weights for compute nodes without internet
