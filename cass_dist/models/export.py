@@ -193,12 +193,7 @@ def load_backbone(
         raise ExportError(f"{_export_dir(path) / MODEL_JSON}: the export holds no {branch!r} branch "
                           f"(it holds {[b for b in BRANCHES if b in info]})")
     spec = info[branch]
-    weights = path if path.suffix == ".safetensors" else _export_dir(path) / str(spec.get("file", f"{branch}.safetensors"))
-    if not weights.is_file():
-        raise WeightsUnavailableError(f"export weights file {weights} is missing")
-    found = _file_model_name(weights) or spec["name"]
-    if found != spec["name"]:
-        raise BackboneError(f"{weights} holds timm model {found!r} but {MODEL_JSON} says {spec['name']!r}")
+    weights, found = export_weights(path, branch, info)
     if expected_model is not None and expected_model != found:
         raise BackboneError(f"expected timm model {expected_model!r} but the export at {weights} holds {found!r}")
     kwargs = dict(spec["timm_kwargs"])
@@ -211,6 +206,23 @@ def load_backbone(
                                 f"({weights}); use at least {patch}, or the export's own {kwargs['img_size']}")
         kwargs["img_size"] = img_size  # timm's checkpoint filter resamples pos_embed to the new grid
     return build_from_spec({**spec, "timm_kwargs": kwargs}, pretrained_file=weights)
+
+
+def export_weights(path: str | Path, branch: str, info: dict[str, Any]) -> tuple[Path, str]:
+    """Return ``(weights file, timm model it holds)`` of ``branch`` in the export at ``path``, checked.
+
+    Reads only the file's header: cheap enough to check an export before a run starts. Raises
+    WeightsUnavailableError (file missing), ExportError (not a readable safetensors file),
+    BackboneError (it holds another model than model.json says).
+    """
+    path, spec = Path(path), info[branch]
+    weights = path if path.suffix == ".safetensors" else _export_dir(path) / str(spec.get("file", f"{branch}.safetensors"))
+    if not weights.is_file():
+        raise WeightsUnavailableError(f"export weights file {weights} is missing")
+    found = _file_model_name(weights) or spec["name"]
+    if found != spec["name"]:
+        raise BackboneError(f"{weights} holds timm model {found!r} but {MODEL_JSON} says {spec['name']!r}")
+    return weights, found
 
 
 def _export_dir(path: Path) -> Path:
