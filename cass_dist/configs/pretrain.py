@@ -156,8 +156,10 @@ def demo() -> PretrainConfig:
     """Tiny models on the synthetic shards: CPU, about two minutes on 2 cores."""
     return PretrainConfig(
         data=DataSection(shards=DEMO_SHARDS, batch_size=64, image_size=32),
+        # timm's stem: the small stem (the default at 32 px) costs ~4-10x per CPU step, and the demo is a
+        # 1.5-minute first run; small-image training (MedMNIST) keeps the default.
         model=ModelSection(cnn="resnet18", vit="vit_tiny_patch16_224", embed_dim=128, proj_hidden_dim=512,
-                           vit_patch_size=8, channels_last=False),
+                           vit_patch_size=8, channels_last=False, small_stem=False),
         optim=OptimSection(lr_cnn=1e-3, lr_vit=1e-3, weight_decay_cnn=0.05, weight_decay_vit=0.05),
         run=RunSection(output_dir="runs/demo", precision="fp32", max_steps=80, warmup_steps=10,
                        save_every=40, log_every=10, resume="auto"),  # a second launch continues, not clashes
