@@ -3,8 +3,8 @@
 ``model.init`` is ``random`` / ``imagenet`` (the architecture named in the config, planned for the run's
 image size by ``cass_dist.models.plan_backbone``), a CASS export (run dir, export dir or
 ``.safetensors`` file: its stem and patch size are kept), or a fine-tuned run (its ``best/`` classifier,
-for ``launch/evaluate.py``). Everything here reads JSON only, so a bad init fails before any run dir
-is written.
+for ``launch/evaluate.py``). ``read_init``, ``check_init_files`` and ``resolve_image_size`` read
+only JSON and file headers, so a bad init fails before any run dir is written.
 """
 
 from __future__ import annotations
