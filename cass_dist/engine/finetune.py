@@ -33,7 +33,13 @@ from cass_dist.engine.classifier import (
     load_classifier,
     save_classifier,
 )
-from cass_dist.engine.inits import InitSource, check_init_files, read_init, resolve_image_size
+from cass_dist.engine.inits import (
+    ClassifierError,
+    InitSource,
+    check_init_files,
+    read_init,
+    resolve_image_size,
+)
 from cass_dist.engine.run import Run
 from cass_dist.engine.step import count_steps, lr_factor, optimizer_step, set_lrs
 from cass_dist.errors import CassError
@@ -141,7 +147,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     manifest = load_manifest(cfg.data.shards)
     source = read_init(cfg.model.init)
     if source.kind == "classifier":
-        build_classifier(cfg.model, manifest, source=source)  # raises: fine-tune from the run it started from
+        raise ClassifierError(f"model.init {source.path}: a fine-tuned classifier, not a pretraining run or export; "
+                              f"fine-tune from the run it started from")
     check_init_files(source, branches_of(cfg.model.branch))
     size, why = resolve_image_size(cfg.data, manifest, source, branches_of(cfg.model.branch))
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=size))
