@@ -104,6 +104,9 @@ def test_a_damaged_or_refused_export_is_one_line_and_exit_1_before_any_run_dir(s
 
 def test_a_damaged_fine_tuned_classifier_is_one_line(shards28, tmp_path, capsys):
     assert finetune(common(shards28, tmp_path / "ft", "--init", "random", "--max-steps", "1", "--batch-size", "16")) == 0
+    capsys.readouterr()
+    assert finetune(common(shards28, tmp_path / "again", "--init", str(tmp_path / "ft"))) == 1
+    assert "a fine-tuned classifier, not a pretraining run" in error_line(capsys, "launch/finetune.py")
     info_path = tmp_path / "ft/best/classifier.json"
     info_path.write_text(json.dumps({**json.loads(info_path.read_text()), "branches": "resnet18"}))
     capsys.readouterr()
