@@ -183,19 +183,27 @@ def test_value_checks_can_leave_the_step_and_still_catch_bad_targets_where_they_
         focal_loss(logits, good, task=task, alpha=-alpha)
 
 
-def test_the_finetuning_loss_checks_the_first_batch_and_then_never_syncs(monkeypatch):
+@pytest.mark.parametrize("loss, class_weights", [("ce", False), ("focal", True)], ids=["default", "focal-weighted"])
+def test_the_finetuning_loss_checks_the_first_batch_and_then_never_syncs(monkeypatch, loss, class_weights):
     from types import SimpleNamespace
 
     from cass_dist.configs.finetune import FinetuneConfig
     from cass_dist.engine.finetune import FinetuneLoss
 
+    cfg = FinetuneConfig()
+    assert (cfg.loss.name, cfg.loss.class_weights) == ("ce", False)  # the defaults
+    cfg.loss.name, cfg.loss.class_weights = loss, class_weights
     manifest = SimpleNamespace(task="multi-class", class_weights=[0.5, 1.0, 1.5])
-    loss_fn = FinetuneLoss(FinetuneConfig(), manifest, "cpu")
+    loss_fn = FinetuneLoss(cfg, manifest, "cpu")
     with pytest.raises(LossInputError, match=r"\[0, 3\)"):
         loss_fn({"cnn": torch.randn(4, 3)}, torch.tensor([0, 1, 2, 3]))
-    loss_fn = FinetuneLoss(FinetuneConfig(), manifest, "cpu")
-    loss_fn({"cnn": torch.randn(4, 3)}, torch.tensor([0, 1, 2, 1]))
+    loss_fn = FinetuneLoss(cfg, manifest, "cpu")
+    logits, labels = torch.randn(4, 3), torch.tensor([0, 1, 2, 1])
+    first = loss_fn({"cnn": logits}, labels)
+    weights = torch.tensor(manifest.class_weights) if class_weights else None
+    expected = focal_loss(logits, labels, task="multi-class", alpha=weights, gamma=2.0 if loss == "focal" else 0.0)
+    torch.testing.assert_close(first, expected)
     counter = _SyncCounter(monkeypatch)
     for _ in range(3):
-        loss = loss_fn({"cnn": torch.randn(4, 3), "vit": torch.randn(4, 3)}, torch.tensor([0, 1, 2, 1]))
-    assert counter.calls == 0 and loss.ndim == 0
+        loss_value = loss_fn({"cnn": torch.randn(4, 3), "vit": torch.randn(4, 3)}, labels)
+    assert counter.calls == 0 and loss_value.ndim == 0
