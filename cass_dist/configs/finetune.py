@@ -40,7 +40,7 @@ class DownstreamDataSection:
     decode: Literal["cpu", "gpu"] = "cpu"  # gpu: workers ship JPEG bytes, nvJPEG decodes them on the training GPU
     max_skipped_fraction: float = 0.01  # stop when an epoch skips more than this share as corrupted
     verify_shards: bool = False  # check every shard's sha256 against the manifest before training
-    image_size: int = 0  # 0 = the manifest's image size
+    image_size: int = 0  # 0 = the export's image size (init from a run), else the manifest's
     label_fraction: float = 1.0  # stratified share of the training labels used
     fraction_seed: int = 0  # which stratified subset; fixed across seeds so runs compare on the same labels
     train_transform: str = "finetune"  # augmentation of training images ("eval": none)
@@ -54,9 +54,11 @@ class DownstreamDataSection:
         for name in ("batch_size",):
             if getattr(self, name) < 1:
                 raise FieldError(name, "must be >= 1", getattr(self, name))
-        for name in ("eval_batch_size", "image_size"):
-            if getattr(self, name) < 0:
-                raise FieldError(name, "must be >= 0", getattr(self, name))
+        if self.eval_batch_size < 0:
+            raise FieldError("eval_batch_size", "must be >= 0", self.eval_batch_size)
+        if self.image_size != 0 and self.image_size < 8:  # as pretraining: smaller cannot hold a stem or a patch grid
+            raise FieldError("image_size", "must be >= 8, or 0 for the export's (else the manifest's) size",
+                             self.image_size)
         check_loader_fields(self)
 
     @property
@@ -72,6 +74,9 @@ class DownstreamModelSection:
     vit: str = "vit_tiny_patch16_224"  # the same for the ViT branch
     cnn_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
     vit_kwargs: dict[str, Any] = field(default_factory=dict)  # the same for the ViT (img_size, patch_size ...)
+    # init random / imagenet only (an export keeps the stem and patch size it was trained with):
+    small_stem: bool | None = None  # CNN stem: stride-1 3x3 conv, no max-pool; None = on at image size <= 64
+    vit_patch_size: int | None = None  # None: the model's own, or the largest smaller one giving >= 16 tokens
     head_dropout: float = 0.0  # dropout before the classifier head
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, slower
 
@@ -80,13 +85,18 @@ class DownstreamModelSection:
             raise FieldError("init", f"must be one of {BUILTIN_INITS} or a run dir / export dir / .safetensors file")
         if not 0 <= self.head_dropout < 1:
             raise FieldError("head_dropout", "must be in [0, 1)", self.head_dropout)
+        if self.vit_patch_size is not None and self.vit_patch_size < 1:
+            raise FieldError("vit_patch_size", "must be >= 1 or null", self.vit_patch_size)
 
 
 @dataclass
 class LossSection:
-    name: Literal["focal", "ce"] = "focal"  # ce: cross-entropy (multi-class) or BCE (binary, multi-label)
-    gamma: float = 2.0  # focal focusing strength
-    class_weights: bool = True  # weigh classes by the manifest's class_weights (rare classes weigh more)
+    # ce without class weights, as MedMNIST v2's protocol: with focal + inverse-frequency weights a
+    # 28 px resnet18 lost 4 accuracy points on BreastMNIST (docs/downstream.md#baseline); focal and
+    # class weights trade accuracy for minority-class recall, one flag each
+    name: Literal["focal", "ce"] = "ce"  # ce: cross-entropy (multi-class) or BCE (binary, multi-label)
+    gamma: float = 2.0  # focal focusing strength (loss.name focal only)
+    class_weights: bool = False  # weigh classes by the manifest's class_weights (rare classes weigh more)
     alpha: float | None = None  # binary / multi-label only: weight of positives, instead of class_weights
 
     def validate(self) -> None:
@@ -122,7 +132,8 @@ class FinetuneOptimSection:
 @dataclass
 class EarlyStopSection:
     metric: str = "f1_macro"  # validation metric to maximise
-    patience: int = 5  # evaluations without improvement before stopping; 0 = never stop early
+    # 0: train every epoch and keep the best on val, as MedMNIST v2's protocol (docs/downstream.md#baseline)
+    patience: int = 0  # evaluations without improvement before stopping; 0 = never stop early
     min_delta: float = 0.0  # an improvement must exceed this
     eval_every: int = 0  # steps between validations; 0 = once per epoch
 
@@ -145,7 +156,8 @@ class FinetuneConfig:
     loss: LossSection = field(default_factory=LossSection)
     optim: FinetuneOptimSection = field(default_factory=FinetuneOptimSection)
     early_stop: EarlyStopSection = field(default_factory=EarlyStopSection)
-    run: RunSection = field(default_factory=lambda: RunSection(output_dir="runs/finetune", epochs=10,
+    # 50 epochs: 10 (with early stopping) left a 28 px resnet18 from scratch 16 points short on BreastMNIST
+    run: RunSection = field(default_factory=lambda: RunSection(output_dir="runs/finetune", epochs=50,
                                                                keep_last=1, log_every=10))
 
 
@@ -174,6 +186,11 @@ class EvaluateConfig:
     model: DownstreamModelSection = field(default_factory=DownstreamModelSection)
     probe: ProbeSection = field(default_factory=ProbeSection)
     run: RunSection = field(default_factory=lambda: RunSection(output_dir="runs/evaluate"))
+
+    def validate(self) -> None:
+        if self.run.resume:  # an evaluation trains nothing and writes no checkpoint to come back to
+            raise FieldError("run.resume", "launch/evaluate.py has no checkpoints to resume; rerun it without "
+                             "--resume (it takes a minute), or resume the fine-tuning run", self.run.resume)
 
 
 def small() -> FinetuneConfig:

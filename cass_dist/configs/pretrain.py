@@ -79,7 +79,8 @@ class ModelSection:
     # objective (docs/objectives.md); linear: the timm classifier outputs, as in the paper
     head: Literal["linear", "mlp"] = "mlp"
     proj_hidden_dim: int = 2048  # hidden width of the mlp projector heads
-    vit_patch_size: int | None = None  # None: the model's own; small images want small patches
+    vit_patch_size: int | None = None  # None: the model's own, or the largest smaller one giving >= 16 tokens
+    small_stem: bool | None = None  # CNN stem: stride-1 3x3 conv, no max-pool; None = on at image_size <= 64
     drop_path_rate: float | None = None  # stochastic depth of both branches; None: the model's own
     pretrained: bool = False  # timm hub weights (network, or a filled cache_dir)
     pretrained_cnn_file: str = ""  # local weights for compute nodes without internet
@@ -181,8 +182,10 @@ def demo() -> PretrainConfig:
     """Tiny models on the synthetic shards: CPU, about two minutes on 2 cores."""
     return PretrainConfig(
         data=DataSection(shards=DEMO_SHARDS, batch_size=64, image_size=32),
+        # timm's stem: the small stem (the default at 32 px) costs ~4-10x per CPU step, and the demo is a
+        # 1.5-minute first run; small-image training (MedMNIST) keeps the default.
         model=ModelSection(cnn="resnet18", vit="vit_tiny_patch16_224", embed_dim=128, proj_hidden_dim=512,
-                           vit_patch_size=8, channels_last=False),
+                           vit_patch_size=8, channels_last=False, small_stem=False),
         optim=OptimSection(lr_cnn=1e-3, lr_vit=1e-3, weight_decay_cnn=0.05, weight_decay_vit=0.05),
         run=RunSection(output_dir="runs/demo", precision="fp32", max_steps=80, warmup_steps=10,
                        save_every=40, log_every=10, resume="auto"),  # a second launch continues, not clashes

@@ -6,6 +6,7 @@ split (and the same label fraction) on every rank, every run and every machine.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
@@ -168,9 +169,14 @@ def cross_split_duplicates(digests: Sequence[str], splits: Sequence[str]) -> Dup
 def select_label_fraction(labels: Sequence[Label], fraction: float, *, seed: int, task: str) -> list[int]:
     """Return the sorted indices of a seeded, stratified ``fraction`` of ``labels``.
 
-    ``labels`` holds class ids (multi-class, binary) or 0/1 lists (multi-label). Each class keeps
-    ``round(fraction * count)`` samples and at least one; for multi-label, strata are label vectors and
-    every label with a positive sample keeps at least one positive. The result depends only on the
+    ``labels`` holds class ids (multi-class, binary) or 0/1 lists (multi-label). The total is exact:
+    ``round(fraction * len(labels))`` samples, unless the minimum below needs more. Strata (classes;
+    for multi-label, distinct label vectors) get their shares by the largest-remainder method, ties
+    broken by the seed, so 0.15 of 40 classes x 10 images is 60 images (20 classes with 2, 20 with 1)
+    and a stratum of one vector can still be picked. The minimum: every class keeps at least one
+    sample; for multi-label, every label with a positive sample keeps a positive. When that needs
+    more than the exact total (0.01 of 40 classes x 10 images: 4 < 40 classes), the minimum wins and
+    its extra seats come from the strata furthest above their share. The result depends only on the
     inputs, so every rank and every run selects the same subset.
     Raises ValueError naming ``label_fraction`` when fraction is not in (0, 1], or for an unknown task.
     """
@@ -178,34 +184,63 @@ def select_label_fraction(labels: Sequence[Label], fraction: float, *, seed: int
         raise ValueError(f"label_fraction must be in (0, 1], got {fraction!r}")
     if task not in ("multi-class", "binary", "multi-label"):
         raise ValueError(f"task must be multi-class, binary or multi-label, got {task!r}")
-    if fraction == 1:
+    if fraction == 1 or not labels:
         return list(range(len(labels)))
     rng = np.random.default_rng(seed)
     by_stratum: dict[Hashable, list[int]] = defaultdict(list)
     for i, label in enumerate(labels):
         by_stratum[stratum_of(label)].append(i)
-    chosen: set[int] = set()
-    leftovers: list[int] = []
-    for key in sorted(by_stratum, key=repr):
-        members = [int(i) for i in rng.permutation(by_stratum[key])]
-        keep = round(fraction * len(members))
-        if task != "multi-label":
-            keep = max(1, keep)
-        chosen.update(members[:keep])
-        leftovers.extend(members[keep:])
-    if task == "multi-label" and labels:
-        width = len(labels[0])
-        covered = np.zeros(width, dtype=bool)
-        for i in chosen:
-            covered |= np.asarray(labels[i], dtype=bool)
-        for i in sorted(leftovers, key=lambda j: rng_order(seed, j)):
-            row = np.asarray(labels[i], dtype=bool)
-            if (row & ~covered).any():
-                chosen.add(i)
-                covered |= row
-        if not chosen:
-            chosen.add(min(range(len(labels)), key=lambda j: rng_order(seed, j)))
-    return sorted(chosen)
+    keys = sorted(by_stratum, key=repr)
+    members = [[int(i) for i in rng.permutation(by_stratum[key])] for key in keys]
+    required = _required_members(labels, members, seed, task)
+    for m, req in zip(members, required):  # the required samples are taken first
+        m.sort(key=lambda i, req=req: i not in req)
+    quotas = [fraction * len(m) for m in members]
+    total = max(int(math.floor(fraction * len(labels) + 0.5)), sum(len(r) for r in required), 1)
+    counts = _largest_remainder(quotas, [len(r) for r in required], [len(m) for m in members], total,
+                                tiebreak=rng.permutation(len(members)).tolist())
+    return sorted(i for m, k in zip(members, counts) for i in m[:k])
+
+
+def _required_members(labels: Sequence[Label], members: list[list[int]], seed: int, task: str) -> list[set[int]]:
+    """Per stratum, the samples the minimum needs: each class's first, or a positive of every label."""
+    if task != "multi-label":
+        return [{m[0]} for m in members]
+    rows = np.asarray(labels, dtype=bool)
+    stratum = {i: s for s, m in enumerate(members) for i in m}
+    required: list[set[int]] = [set() for _ in members]
+    covered = np.zeros(rows.shape[1], dtype=bool)
+    for label in sorted(range(rows.shape[1]), key=lambda j: (rows[:, j].sum(), j)):  # rarest label first
+        if covered[label] or not rows[:, label].any():
+            continue
+        pick = min(np.flatnonzero(rows[:, label]).tolist(), key=lambda i: rng_order(seed, i))
+        required[stratum[pick]].add(pick)
+        covered |= rows[pick]
+    return required
+
+
+def _largest_remainder(quotas: list[float], minimum: list[int], maximum: list[int], total: int,
+                       tiebreak: list[int]) -> list[int]:
+    """Integer counts within [minimum, maximum] per stratum, summing to ``total``, closest to ``quotas``.
+
+    Start from the floors (raised to the minimum), then give a seat to the strata with the largest
+    remainders, or take one from those furthest above their quota (larger strata first on a tie,
+    where one seat less matters least). ``tiebreak`` ranks strata on equal keys.
+    """
+    counts = [min(max(int(math.floor(q)), lo), hi) for q, lo, hi in zip(quotas, minimum, maximum)]
+    while sum(counts) != total:
+        short = sum(counts) < total
+        if short:
+            open_ = [s for s in range(len(counts)) if counts[s] < maximum[s]]
+            order = sorted(open_, key=lambda s: (-(quotas[s] - counts[s]), tiebreak[s]))
+        else:
+            open_ = [s for s in range(len(counts)) if counts[s] > minimum[s]]
+            order = sorted(open_, key=lambda s: (-(counts[s] - quotas[s]), -quotas[s], tiebreak[s]))
+        if not order:  # cannot happen: total lies between sum(minimum) and the number of samples
+            break
+        for s in order[:abs(total - sum(counts))]:
+            counts[s] += 1 if short else -1
+    return counts
 
 
 def rng_order(seed: int, index: int) -> int:

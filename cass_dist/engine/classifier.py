@@ -1,9 +1,8 @@
 """The downstream classifier: backbone(s) from an init + a new head per branch; build, save, load, evaluate.
 
-``init`` is ``random`` / ``imagenet`` (the architecture named in the config) or a CASS export (run
-dir, export dir or ``.safetensors`` file, read by ``cass_dist.models.load_backbone``). A saved
-classifier is ``classifier.safetensors`` + ``classifier.json``; the JSON carries each branch's timm
-name and keywords, so it loads without the pretraining run it started from.
+Where the backbones come from (``model.init``) and at which image size is ``cass_dist.engine.inits``.
+A saved classifier is ``classifier.safetensors`` + ``classifier.json``; the JSON carries each branch's
+timm name, keywords and stem, and the image size, so it loads without the pretraining run it started from.
 """
 
 from __future__ import annotations
@@ -11,66 +10,38 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
 
-import timm
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from cass_dist.configs.finetune import BUILTIN_INITS, DownstreamDataSection, DownstreamModelSection
+from cass_dist.configs.finetune import DownstreamDataSection, DownstreamModelSection
 from cass_dist.data import build_loader
 from cass_dist.data.manifest import Manifest
+from cass_dist.engine.inits import (
+    FORMAT_VERSION,
+    INFO_FILE,
+    WEIGHTS_FILE,
+    ClassifierError,
+    InitSource,
+    build_backbone,
+    classifier_dir,
+    read_classifier_info,
+)
 from cass_dist.metrics import compute_metrics, gather_predictions
-from cass_dist.models import BackboneError, create_backbone, load_backbone, read_export_info
-from cass_dist.models.backbones import WeightsUnavailableError
+from cass_dist.models import BackboneError, build_from_spec
 
-WEIGHTS_FILE = "classifier.safetensors"
-INFO_FILE = "classifier.json"
-FORMAT_VERSION = 1
+__all__ = ["Classifier", "ClassifierError", "branches_of", "build_backbone", "build_classifier", "dataset_name",
+           "check_classes", "evaluate_classifier", "is_classifier_dir", "load_classifier", "save_classifier"]
 
 
 def branches_of(branch: str) -> tuple[str, ...]:
-    """Return the backbone branches a ``--branch`` value uses; raise ValueError for an unknown one."""
+    """Return the backbone branches a ``--branch`` value uses; raise ClassifierError for an unknown one."""
     if branch not in ("cnn", "vit", "both"):
-        raise ValueError(f"model.branch must be cnn, vit or both, got {branch!r}")
+        raise ClassifierError(f"model.branch must be cnn, vit or both, got {branch!r}")
     return ("cnn", "vit") if branch == "both" else (branch,)
-
-
-def build_backbone(model_cfg: DownstreamModelSection, branch: str) -> tuple[nn.Module, dict[str, Any]]:
-    """Return ``(backbone without classifier, spec)`` for one branch; spec = {"name", "timm_kwargs"}.
-
-    Raises BackboneError (unknown model or keyword, weights of another architecture),
-    WeightsUnavailableError (no export at the init path, or no ImageNet weights offline).
-    """
-    init = model_cfg.init
-    if init in BUILTIN_INITS:
-        name = model_cfg.cnn if branch == "cnn" else model_cfg.vit
-        kwargs = {**(model_cfg.cnn_kwargs if branch == "cnn" else model_cfg.vit_kwargs), "num_classes": 0}
-        if init == "imagenet":
-            backbone = create_backbone(name, pretrained=True, **kwargs)
-        else:
-            backbone = _create(name, kwargs)
-    else:
-        if not Path(init).exists():
-            raise WeightsUnavailableError(f"model.init {init!r}: no such run dir, export dir or file, and not one of "
-                                    f"{BUILTIN_INITS}")
-        backbone = load_backbone(init, branch, num_classes=0)  # first: it names a branch the export lacks
-        spec = read_export_info(init)[branch]
-        name, kwargs = spec["name"], {**spec["timm_kwargs"], "num_classes": 0}
-    if model_cfg.grad_checkpointing:
-        backbone.set_grad_checkpointing(True)
-    return backbone, {"name": name, "timm_kwargs": kwargs}
-
-
-def _create(name: str, kwargs: dict[str, Any]) -> nn.Module:
-    if not timm.is_model(name):
-        raise BackboneError(f"timm has no model named {name!r} (see timm.list_models())")
-    try:
-        return timm.create_model(name, **kwargs)
-    except TypeError as err:
-        raise BackboneError(f"timm model {name!r} rejected keywords {sorted(kwargs)}: {err}") from err
 
 
 class Classifier(nn.Module):
@@ -81,10 +52,12 @@ class Classifier(nn.Module):
     """
 
     def __init__(self, backbones: dict[str, nn.Module], *, task: str, num_classes: int, dropout: float = 0.0,
-                 specs: dict[str, dict] | None = None):
+                 specs: dict[str, dict] | None = None, image_size: int | None = None):
         super().__init__()
         self.task, self.num_classes = task, num_classes
         self.specs = specs or {}
+        self.image_size = image_size
+        self.backbones_frozen = False
         outputs = 1 if task == "binary" else num_classes
         self.backbones = nn.ModuleDict(backbones)
         self.heads = nn.ModuleDict({
@@ -92,10 +65,31 @@ class Classifier(nn.Module):
             for name, backbone in backbones.items()
         })
 
+    def freeze_backbones(self, frozen: bool) -> None:
+        """Freeze (or unfreeze) every backbone; returns None.
+
+        Frozen backbones run in eval mode (BatchNorm statistics stay, dropout is off), without autograd
+        (no backward through them) and with ``requires_grad`` off, so their parameters get no gradient
+        and the optimizer keeps no state for them. Under DDP this needs ``find_unused_parameters``.
+        """
+        self.backbones_frozen = frozen
+        for param in self.backbones.parameters():
+            param.requires_grad_(not frozen)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> Classifier:
+        """Set training mode like ``nn.Module.train``; frozen backbones stay in eval mode."""
+        super().train(mode)
+        if self.backbones_frozen:
+            self.backbones.eval()
+        return self
+
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         out = {}
         for name, backbone in self.backbones.items():
-            logits = self.heads[name](backbone(images))
+            with torch.no_grad() if self.backbones_frozen else nullcontext():
+                features = backbone(images)
+            logits = self.heads[name](features)
             out[name] = logits[:, 0] if self.task == "binary" else logits
         return out
 
@@ -114,11 +108,16 @@ class Classifier(nn.Module):
         return torch.stack(probs).mean(dim=0)
 
 
-def build_classifier(model_cfg: DownstreamModelSection, manifest: Manifest) -> Classifier:
-    """Return a Classifier for the manifest's task with backbone(s) from ``model_cfg.init``."""
-    built = {branch: build_backbone(model_cfg, branch) for branch in branches_of(model_cfg.branch)}
+def build_classifier(model_cfg: DownstreamModelSection, manifest: Manifest, image_size: int | None = None,
+                     source: InitSource | None = None) -> Classifier:
+    """Return a Classifier for the manifest's task with backbone(s) from ``model_cfg.init`` at ``image_size``.
+
+    Raises what :func:`cass_dist.engine.inits.build_backbone` raises.
+    """
+    built = {branch: build_backbone(model_cfg, branch, image_size, source) for branch in branches_of(model_cfg.branch)}
     return Classifier({b: m for b, (m, _) in built.items()}, task=manifest.task, num_classes=manifest.num_classes,
-                      dropout=model_cfg.head_dropout, specs={b: s for b, (_, s) in built.items()})
+                      dropout=model_cfg.head_dropout, specs={b: s for b, (_, s) in built.items()},
+                      image_size=image_size)
 
 
 def save_classifier(model: Classifier, state_dict: dict[str, torch.Tensor], out_dir: str | os.PathLike,
@@ -136,7 +135,7 @@ def save_classifier(model: Classifier, state_dict: dict[str, torch.Tensor], out_
     save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(tmp / WEIGHTS_FILE))
     info = {"format_version": FORMAT_VERSION, "task": model.task, "class_names": list(class_names),
             "dropout": float(model.heads[next(iter(model.heads))][0].p), "branches": model.specs,
-            "extra": extra or {}}
+            "image_size": model.image_size, "extra": extra or {}}
     (tmp / INFO_FILE).write_text(json.dumps(info, indent=1, default=str))
     if out.exists():
         os.replace(out, old)
@@ -147,39 +146,44 @@ def save_classifier(model: Classifier, state_dict: dict[str, torch.Tensor], out_
 
 def is_classifier_dir(path: str | os.PathLike) -> bool:
     """Return True when ``path`` (or its ``best/``) holds a saved fine-tuned classifier."""
-    return _classifier_dir(Path(path)) is not None
-
-
-def _classifier_dir(path: Path) -> Path | None:
-    for candidate in (path, path / "best"):
-        if (candidate / INFO_FILE).is_file() and (candidate / WEIGHTS_FILE).is_file():
-            return candidate
-    return None
+    return classifier_dir(Path(path)) is not None
 
 
 def load_classifier(path: str | os.PathLike, manifest: Manifest | None = None) -> Classifier:
     """Return the fine-tuned Classifier saved at ``path`` (its dir, or a fine-tuning run dir with ``best/``).
 
     With ``manifest``, its task and class names must equal the checkpoint head's. Raises
-    FileNotFoundError (no classifier there), ValueError (classes or task differ from the dataset),
-    BackboneError (weights that do not fit the recorded architecture).
+    ClassifierError (no classifier there, a damaged one, or classes / task differing from the
+    dataset's), ExportError (timm keywords refused), BackboneError (weights that do not fit the
+    recorded architecture).
     """
-    found = _classifier_dir(Path(path))
+    found = classifier_dir(Path(path))
     if found is None:
-        raise WeightsUnavailableError(f"{path}: no fine-tuned classifier ({INFO_FILE} + {WEIGHTS_FILE}, "
-                                f"or best/ holding them); run launch/finetune.py first")
-    info = json.loads((found / INFO_FILE).read_text())
-    if manifest is not None and (info["class_names"] != manifest.class_names or info["task"] != manifest.task):
-        raise BackboneError(f"{found}: the checkpoint's head was trained for {info['task']} classes "
-                         f"{info['class_names']}, but the dataset has {manifest.task} classes {manifest.class_names}")
-    backbones = {b: _create(s["name"], dict(s["timm_kwargs"])) for b, s in info["branches"].items()}
+        raise ClassifierError(f"{path}: no fine-tuned classifier ({INFO_FILE} + {WEIGHTS_FILE}, "
+                              f"or best/ holding them); run launch/finetune.py first")
+    info = read_classifier_info(found)
+    if manifest is not None:
+        check_classes(info, manifest, found)
+    backbones = {b: build_from_spec(spec) for b, spec in info["branches"].items()}
     model = Classifier(backbones, task=info["task"], num_classes=len(info["class_names"]),
-                       dropout=info.get("dropout", 0.0), specs=info["branches"])
+                       dropout=info.get("dropout", 0.0), specs=info["branches"], image_size=info.get("image_size"))
     try:
-        model.load_state_dict(load_file(str(found / WEIGHTS_FILE)))
+        weights = load_file(str(found / WEIGHTS_FILE))
+    except Exception as err:  # safetensors' SafetensorError: a truncated or foreign file
+        raise ClassifierError(f"{found / WEIGHTS_FILE}: not a readable safetensors file ({err})") from err
+    try:
+        model.load_state_dict(weights)
     except RuntimeError as err:
         raise BackboneError(f"{found / WEIGHTS_FILE} does not fit the architecture in {INFO_FILE}: {err}") from err
     return model
+
+
+def check_classes(info: dict, manifest: Manifest, where: str | os.PathLike) -> None:
+    """Raise ClassifierError unless a saved classifier's task and class names are the dataset's."""
+    if info["class_names"] != manifest.class_names or info["task"] != manifest.task:
+        raise ClassifierError(f"{where}: the checkpoint's head was trained for {info['task']} classes "
+                              f"{info['class_names']}, but the dataset has {manifest.task} classes "
+                              f"{manifest.class_names}")
 
 
 @torch.no_grad()

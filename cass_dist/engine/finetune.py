@@ -12,11 +12,13 @@ it without the pretraining run), ``metrics.json``, ``curves.png`` and ``confusio
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from dataclasses import asdict
 
 import torch
+from accelerate.utils import DistributedDataParallelKwargs
 
 from cass_dist.configs.finetune import FinetuneConfig
 from cass_dist.data import build_loader, data_position, load_manifest
@@ -26,6 +28,7 @@ from cass_dist.data.manifest import Manifest, write_json_atomic
 from cass_dist.engine.checkpoint import TrainState
 from cass_dist.engine.classifier import (
     Classifier,
+    branches_of,
     build_classifier,
     dataset_name,
     evaluate_classifier,
@@ -33,6 +36,13 @@ from cass_dist.engine.classifier import (
     save_classifier,
 )
 from cass_dist.engine.fingerprint import finetune_fingerprint
+from cass_dist.engine.inits import (
+    ClassifierError,
+    InitSource,
+    check_init_files,
+    read_init,
+    resolve_image_size,
+)
 from cass_dist.engine.run import Run
 from cass_dist.engine.step import count_steps, lr_factor, optimizer_step, set_lrs
 from cass_dist.errors import CassError
@@ -88,12 +98,36 @@ def lr_factors(cfg: FinetuneConfig, step: int, total_steps: int) -> dict[str, fl
     return {"head": head, "backbone": backbone}
 
 
+class FinetuneLoss:
+    """The summed loss of every branch: focal, or cross-entropy / BCE (focal with gamma 0).
+
+    The class weights become one device tensor here, not a host-to-device copy per micro-batch, and
+    the target checks (which read values: a host sync) run on the first call only; the data layer
+    already checked every label against the manifest when the shards were written.
+    """
+
+    def __init__(self, cfg: FinetuneConfig, manifest: Manifest, device: torch.device | str):
+        self.task = manifest.task
+        self.gamma = cfg.loss.gamma if cfg.loss.name == "focal" else 0.0
+        alpha = manifest.class_weights if cfg.loss.class_weights else cfg.loss.alpha
+        self.alpha = torch.tensor(alpha, dtype=torch.float32, device=device) if isinstance(alpha, list) else alpha
+        self.checked = False
+
+    def __call__(self, logits: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        check, self.checked = not self.checked, True
+        return sum(focal_loss(out, labels, task=self.task, alpha=self.alpha, gamma=self.gamma, check_values=check)
+                   for out in logits.values())
+
+
 def compute_loss(cfg: FinetuneConfig, manifest: Manifest, logits: dict[str, torch.Tensor],
                  labels: torch.Tensor) -> torch.Tensor:
-    """Return the summed loss of every branch: focal, or cross-entropy / BCE (focal with gamma 0)."""
-    gamma = cfg.loss.gamma if cfg.loss.name == "focal" else 0.0
-    alpha = manifest.class_weights if cfg.loss.class_weights else cfg.loss.alpha
-    return sum(focal_loss(out, labels, task=manifest.task, alpha=alpha, gamma=gamma) for out in logits.values())
+    """Return the summed loss of every branch, with every check (one-off use; the loop uses FinetuneLoss)."""
+    return FinetuneLoss(cfg, manifest, labels.device)(logits, labels)
+
+
+def frozen_at(cfg: FinetuneConfig, step: int) -> bool:
+    """Return True while the backbones are frozen: before global step ``optim.freeze_backbone_steps``."""
+    return step < cfg.optim.freeze_backbone_steps
 
 
 def build_train_loader(cfg: FinetuneConfig, accelerator, epoch: int, start_batch: int | dict):
@@ -110,26 +144,42 @@ def build_train_loader(cfg: FinetuneConfig, accelerator, epoch: int, start_batch
 def finetune(cfg: FinetuneConfig) -> dict:
     """Fine-tune as configured; return the metrics written to ``<run dir>/metrics.json``.
 
-    Raises ManifestError (bad shard dir), ValueError / BackboneError / WeightsUnavailableError (a bad
-    ``model.init``), CheckpointError (bad ``--resume``), NonFiniteLossError, LaunchConfigError (a launch
-    config cass-dist refuses, e.g. DeepSpeed with accumulation).
+    The launch, the shard dir, ``model.init`` and the image size are checked before the run dir is
+    touched. Raises LaunchConfigError (a launch config cass-dist refuses, e.g. DeepSpeed with
+    accumulation), ManifestError (bad shard dir), WeightsUnavailableError / ExportError /
+    BackboneError / ClassifierError (a bad ``model.init``), ConfigError (no image size to use),
+    CheckpointError (bad ``--resume``), NonFiniteLossError.
     """
     check_launch(batch_size=cfg.data.batch_size, grad_accum_steps=cfg.run.grad_accum_steps, clip_grad=cfg.run.clip_grad)
+    manifest = load_manifest(cfg.data.shards)
+    source = read_init(cfg.model.init)
+    if source.kind == "classifier":
+        raise ClassifierError(f"model.init {source.path}: a fine-tuned classifier, not a pretraining run or export; "
+                              f"fine-tune from the run it started from")
+    check_init_files(source, branches_of(cfg.model.branch))
+    size, why = resolve_image_size(cfg.data, manifest, source, branches_of(cfg.model.branch))
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=size))
     run = Run(cfg.run, config=cfg)
     try:
-        return _train(cfg, run)
+        run.print(f"image size {why}")
+        return _train(cfg, run, manifest, source)
     finally:
         run.finish()
 
 
-def _train(cfg: FinetuneConfig, run: Run) -> dict:
+def _train(cfg: FinetuneConfig, run: Run, manifest: Manifest, source: InitSource) -> dict:
     acc, accum, stop = run.accelerator, cfg.run.grad_accum_steps, cfg.early_stop
-    manifest = load_manifest(cfg.data.shards)
-    model = build_classifier(cfg.model, manifest)
+    model = build_classifier(cfg.model, manifest, cfg.data.image_size, source)
     optimizer, base_lrs = build_optimizer(cfg, model)
     parts = [g["part"] for g in optimizer.param_groups]  # before prepare: DeepSpeed may rebuild the groups
+    if cfg.optim.freeze_backbone_steps and acc.num_processes > 1:
+        # Frozen backbones get no gradient; DDP must not wait for one (a graph walk per step, only for these runs).
+        acc.ddp_handler = acc.ddp_handler or DistributedDataParallelKwargs()
+        acc.ddp_handler.find_unused_parameters = True
     model, optimizer = acc.prepare(model, optimizer)
     state = run.resume(finetune_fingerprint(cfg, manifest, acc.num_processes))  # refuses a changed run
+    classifier = acc.unwrap_model(model)
+    loss_fn = FinetuneLoss(cfg, manifest, acc.device)
     track = state.extra.setdefault("early_stop", {"best": None, "best_step": 0, "bad_evals": 0, "done": False})
     d = cfg.data
     if d.verify_shards:
@@ -145,8 +195,7 @@ def _train(cfg: FinetuneConfig, run: Run) -> dict:
 
     def forward(batch: dict) -> dict:
         images = transform(batch["image"].to(acc.device, non_blocking=True), seed=batch["seed"])[0]
-        logits = model(images)
-        return {"loss": compute_loss(cfg, manifest, logits, batch["label"].to(acc.device))}
+        return {"loss": loss_fn(model(images), batch["label"].to(acc.device))}
 
     bad_in_a_row, loss_sum, loss_count = 0, torch.zeros((), device=acc.device), 0
     stopping = False  # agreed by all ranks (run.should_stop); run.stop_signal alone is per-process
@@ -162,6 +211,9 @@ def _train(cfg: FinetuneConfig, run: Run) -> dict:
             if len(window) < accum:  # the loader ended before len() said: the epoch's end
                 state.epoch, state.batch_in_epoch, state.data_position = state.epoch + 1, 0, {}
                 break
+            if classifier.backbones_frozen != frozen_at(cfg, state.global_step):
+                classifier.freeze_backbones(frozen_at(cfg, state.global_step))
+                run.print(f"step {state.global_step}: backbones {'frozen' if classifier.backbones_frozen else 'unfrozen'}")
             factors = lr_factors(cfg, state.global_step, total_steps)
             set_lrs(optimizer, [lr * factors[part] for lr, part in zip(base_lrs, parts)], 1.0)
             finite, window_loss, _, stop_agreed = optimizer_step(acc, model, optimizer, window, forward,

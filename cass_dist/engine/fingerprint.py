@@ -30,11 +30,13 @@ DATA_DIGEST = "data.manifest_digest"  # sha256 of the shard set's manifest: the 
 PRETRAIN_FIELDS = (
     "method",  # the pretraining method (CASS, DINO ...); a method other than CASS adds its own section (dino)
     "model.cnn", "model.vit", "model.embed_dim", "model.head", "model.proj_hidden_dim", "model.vit_patch_size",
+    "model.small_stem",
     "objective.name", "objective.kwargs", "optim.optimizer",
     "data.train_split", "data.image_size", "data.views", "run.seed",
 )
 FINETUNE_FIELDS = (
     "model.init", "model.branch", "model.cnn", "model.vit", "model.cnn_kwargs", "model.vit_kwargs",
+    "model.small_stem", "model.vit_patch_size",
     "loss.name", "loss.gamma", "loss.class_weights", "loss.alpha", "optim.layer_decay", "early_stop.metric",
     "data.train_split", "data.image_size", "data.label_fraction", "data.fraction_seed", "run.seed",
 )

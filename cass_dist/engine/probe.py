@@ -7,6 +7,7 @@ next to the forward passes).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -20,16 +21,17 @@ from sklearn.preprocessing import StandardScaler
 
 from cass_dist.data import build_loader, load_manifest
 from cass_dist.engine.classifier import (
+    ClassifierError,
     branches_of,
     build_backbone,
+    check_classes,
     dataset_name,
     evaluate_classifier,
-    is_classifier_dir,
     load_classifier,
 )
+from cass_dist.engine.inits import check_init_files, read_init, resolve_image_size
 from cass_dist.engine.run import Run
 from cass_dist.metrics import compute_metrics, gather_predictions, write_metrics
-from cass_dist.models import BackboneError, WeightsUnavailableError
 from cass_dist.plots import log_images, plot_confusion_matrix
 
 DEFAULT_CS = (0.001, 0.01, 0.1, 1.0, 10.0)
@@ -201,28 +203,41 @@ def evaluate(cfg) -> dict:
     train split (``label_fraction`` of it), the linear probe's C chosen on val, scored on
     ``probe.split``; ``branch both`` averages the branches' probabilities. ``head``: the fine-tuned
     classifier at ``model.init`` scored on ``probe.split``.
-    Raises ManifestError, FileNotFoundError / WeightsUnavailableError (nothing usable at ``model.init``),
-    ValueError (classes differing from a checkpoint's head), BackboneError.
+    The shard dir, ``model.init`` and the image size (the init's own unless ``--image-size``) are
+    checked before the run dir is touched. Raises ManifestError, WeightsUnavailableError / ExportError
+    (nothing usable at ``model.init``), ClassifierError (a damaged fine-tuned run, classes differing
+    from its head's, ``--probe head`` on a pretraining run), BackboneError, ConfigError (no image size).
     """
+    manifest = load_manifest(cfg.data.shards)
+    source = read_init(cfg.model.init)
+    if cfg.probe.kind == "head" and source.kind != "classifier":
+        raise ClassifierError(f"model.init {cfg.model.init}: --probe head needs a fine-tuned run (with "
+                              f"best/classifier.json); use --probe knn or linear for a pretraining run")
+    branches = tuple(source.info["branches"]) if source.kind == "classifier" and cfg.probe.kind == "head" \
+        else branches_of(cfg.model.branch)
+    if source.kind == "classifier":
+        check_classes(source.info, manifest, source.path)
+        missing = sorted(set(branches) - set(source.info["branches"]))
+        if missing:
+            raise ClassifierError(f"model.init {cfg.model.init}: the fine-tuned run has no {' or '.join(missing)} "
+                                  f"branch (it has {sorted(source.info['branches'])}); pass --branch to pick one")
+    check_init_files(source, branches)
+    size, why = resolve_image_size(cfg.data, manifest, source, branches)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=size))
     run = Run(cfg.run, config=cfg)
     try:
         acc, d, p = run.accelerator, cfg.data, cfg.probe
-        manifest = load_manifest(d.shards)
-        finetuned = load_classifier(cfg.model.init, manifest) if is_classifier_dir(cfg.model.init) else None
+        run.print(f"image size {why}")
+        finetuned = load_classifier(source.path, manifest) if source.kind == "classifier" else None
         if p.kind == "head":
-            if finetuned is None:
-                raise WeightsUnavailableError(f"model.init {cfg.model.init}: --probe head needs a fine-tuned run "
-                                        f"(with best/classifier.json); use --probe knn or linear for a pretraining run")
             metrics = evaluate_classifier(finetuned.to(acc.device), acc, d, p.split)
         else:
             probs = []
-            for branch in branches_of(cfg.model.branch):
+            for branch in branches:
                 if finetuned is not None:
-                    if branch not in finetuned.backbones:
-                        raise BackboneError(f"model.init {cfg.model.init}: the fine-tuned run has no {branch} branch")
                     backbone = finetuned.backbones[branch]
                 else:
-                    backbone = build_backbone(cfg.model, branch)[0]
+                    backbone = build_backbone(cfg.model, branch, size, source)[0]
                 probs.append(_probe_branch(backbone.to(acc.device), acc, cfg, manifest))
             labels = probs[0][1]
             metrics = compute_metrics(torch.stack([pr for pr, _ in probs]).mean(0), labels, task=manifest.task,

@@ -64,7 +64,8 @@ def build_cass(cfg: PretrainConfig) -> CASSMethod:
     """
     m = cfg.model
     cass = CASS(m.cnn, m.vit, embed_dim=m.embed_dim, head=m.head, proj_hidden_dim=m.proj_hidden_dim,
-                img_size=cfg.data.image_size, vit_patch_size=m.vit_patch_size, drop_path_rate=m.drop_path_rate,
+                img_size=cfg.data.image_size, vit_patch_size=m.vit_patch_size, small_stem=m.small_stem,
+                drop_path_rate=m.drop_path_rate,
                 pretrained=m.pretrained, cnn_pretrained_file=m.pretrained_cnn_file or None,
                 vit_pretrained_file=m.pretrained_vit_file or None, cache_dir=m.cache_dir or None)
     if m.grad_checkpointing:

@@ -18,7 +18,6 @@ pieces but pulls pytorch-lightning, hydra and more into every install; DINO is ~
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -31,8 +30,7 @@ from cass_dist.data.manifest import Manifest
 from cass_dist.data.multicrop import MultiCrop, auto_local_crop_size
 from cass_dist.losses.dino import DINOLoss, cosine_to_one, warmup_linear
 from cass_dist.methods.base import Method, no_weight_decay_names, split_decay
-from cass_dist.models.backbones import create_backbone, set_grad_checkpointing, timm_kwargs
-from cass_dist.models.cass import BranchSpec
+from cass_dist.models.backbones import BackboneSpec, build_from_spec, plan_backbone, set_grad_checkpointing
 from cass_dist.utils.deepspeed import deepspeed_requested
 
 GLOBAL_CROPS = 2
@@ -79,7 +77,7 @@ class DINOMethod(Method):
 
     name = "dino"
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, spec: BranchSpec, *, branch: str, cfg: DinoSection,
+    def __init__(self, student: nn.Module, teacher: nn.Module, spec: BackboneSpec, *, branch: str, cfg: DinoSection,
                  out_dim: int, crop_sizes: tuple[int, int], batch_per_process: int = 256, channels_last: bool = False):
         super().__init__()
         self.branch, self.spec, self.cfg, self.out_dim = branch, spec, cfg, out_dim
@@ -181,7 +179,7 @@ class DINOMethod(Method):
         return {self.branch: self.teacher}
 
     def export_parts(self) -> tuple[dict[str, nn.Module], dict[str, Any]]:
-        return self.backbones(), {"method": self.name, "exported": "teacher", self.branch: asdict(self.spec),
+        return self.backbones(), {"method": self.name, "exported": "teacher", self.branch: self.spec.to_dict(),
                                   "head": "dino", "out_dim": self.out_dim, "embed_dim": self.student.num_features}
 
     def view_transform(self, manifest: Manifest) -> MultiCrop:
@@ -231,23 +229,28 @@ def build_dino(cfg: PretrainConfig) -> DINOMethod:
 
 
 def _backbone_spec(cfg: PretrainConfig, global_size: int):
-    """The ONE place DINO's backbones are made: returns (spec, build(timm_kwargs, weights=True) -> module)."""
+    """The ONE place DINO's backbones are made: returns (spec, build(timm_kwargs, weights=True) -> module).
+
+    The spec comes from the same planner as CASS's branches (small stem at <= 64 px, patch size with
+    >= 16 tokens), at the global crop size; a ViT also takes the smaller local crops (dynamic_img_size).
+    """
     m, d = cfg.model, cfg.dino
     if d.backbone == "vit":
         name, weights_file = m.vit, m.pretrained_vit_file
-        kwargs = timm_kwargs(name, num_classes=0, img_size=global_size, patch_size=m.vit_patch_size,
-                             drop_path_rate=m.drop_path_rate, dynamic_img_size=d.local_crops > 0)
+        spec = plan_backbone(name, num_classes=0, img_size=global_size, patch_size=m.vit_patch_size,
+                             drop_path_rate=m.drop_path_rate,
+                             extra_kwargs={"dynamic_img_size": True} if d.local_crops > 0 else None)
     else:
         name, weights_file = m.cnn, m.pretrained_cnn_file
-        kwargs = timm_kwargs(name, num_classes=0)
+        spec = plan_backbone(name, num_classes=0, img_size=global_size, small_stem=m.small_stem)
 
     def build(timm_keywords: dict[str, Any], weights: bool = True) -> nn.Module:
         if not weights:
-            return create_backbone(name, **timm_keywords)
-        return create_backbone(name, **timm_keywords, pretrained=m.pretrained, pretrained_file=weights_file or None,
-                               cache_dir=m.cache_dir or None)
+            return build_from_spec(BackboneSpec(name, timm_keywords, spec.small_stem))
+        return build_from_spec(BackboneSpec(name, timm_keywords, spec.small_stem), pretrained=m.pretrained,
+                               pretrained_file=weights_file or None, cache_dir=m.cache_dir or None)
 
-    return BranchSpec(name, kwargs), build
+    return spec, build
 
 
 def _patch_size(vit: nn.Module) -> int:

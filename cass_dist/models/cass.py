@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from cass_dist.models.backbones import create_backbone, pooled_features, set_grad_checkpointing, timm_kwargs
+from cass_dist.models.backbones import (
+    BackboneSpec,
+    build_from_spec,
+    plan_backbone,
+    pooled_features,
+    set_grad_checkpointing,
+)
 
 HEADS = ("linear", "mlp")
-
-
-@dataclass
-class BranchSpec:
-    """How one branch's timm backbone is built (everything needed to rebuild it from a weights file)."""
-
-    name: str
-    timm_kwargs: dict[str, Any]
+BranchSpec = BackboneSpec  # how one branch's timm backbone is built (the name predates BackboneSpec)
 
 
 class CASS(nn.Module):
@@ -31,7 +29,9 @@ class CASS(nn.Module):
     classifier and export as pure feature extractors.
 
     ``img_size`` / ``vit_patch_size`` go to the ViT so it works on small images (e.g. 32 px with patch
-    4 gives 64 tokens instead of 4). Weights: ``pretrained`` uses the hub or ``cache_dir``;
+    4 gives 64 tokens instead of 4); ``vit_patch_size`` None picks one with at least 16 tokens.
+    ``small_stem`` None gives the CNN a stride-1 3x3 stem without max-pool at ``img_size <= 64``
+    (``cass_dist.models.small_images``); True / False force it. Weights: ``pretrained`` uses the hub or ``cache_dir``;
     ``cnn_pretrained_file`` / ``vit_pretrained_file`` load local files.
 
     Raises ``BackboneError`` / ``WeightsUnavailableError`` (from :mod:`cass_dist.models.backbones`) and
@@ -48,6 +48,7 @@ class CASS(nn.Module):
         proj_hidden_dim: int = 2048,
         img_size: int | None = None,
         vit_patch_size: int | None = None,
+        small_stem: bool | None = None,
         drop_path_rate: float | None = None,
         pretrained: bool = False,
         cnn_pretrained_file: str | Path | None = None,
@@ -63,20 +64,13 @@ class CASS(nn.Module):
         self.head_kind = head
         # With projector heads the backbones output pooled features (num_classes=0).
         backbone_classes = self.embed_dim if head == "linear" else 0
-        self.cnn_spec = BranchSpec(cnn, timm_kwargs(cnn, num_classes=backbone_classes))
-        self.vit_spec = BranchSpec(
-            vit,
-            timm_kwargs(
-                vit,
-                num_classes=backbone_classes,
-                img_size=img_size,
-                patch_size=vit_patch_size,
-                drop_path_rate=drop_path_rate,
-            ),
-        )
+        self.img_size = img_size
+        self.cnn_spec = plan_backbone(cnn, num_classes=backbone_classes, img_size=img_size, small_stem=small_stem)
+        self.vit_spec = plan_backbone(vit, num_classes=backbone_classes, img_size=img_size,
+                                      patch_size=vit_patch_size, drop_path_rate=drop_path_rate)
         weights = dict(pretrained=pretrained, cache_dir=cache_dir)
-        self.cnn = create_backbone(cnn, **self.cnn_spec.timm_kwargs, pretrained_file=cnn_pretrained_file, **weights)
-        self.vit = create_backbone(vit, **self.vit_spec.timm_kwargs, pretrained_file=vit_pretrained_file, **weights)
+        self.cnn = build_from_spec(self.cnn_spec, pretrained_file=cnn_pretrained_file, **weights)
+        self.vit = build_from_spec(self.vit_spec, pretrained_file=vit_pretrained_file, **weights)
         if head == "mlp":
             self.cnn_head: nn.Module = projector(self.cnn.num_features, proj_hidden_dim, self.embed_dim)
             self.vit_head: nn.Module = projector(self.vit.num_features, proj_hidden_dim, self.embed_dim)
@@ -103,10 +97,11 @@ class CASS(nn.Module):
         set_grad_checkpointing(self.vit, enable)
 
     def describe(self) -> dict[str, Any]:
-        """Return a JSON-able description: branch names, timm keywords, head kind and embedding size."""
+        """Return a JSON-able description: branch names, timm keywords and stems, image size, head, embedding size."""
         return {
-            "cnn": asdict(self.cnn_spec),
-            "vit": asdict(self.vit_spec),
+            "cnn": self.cnn_spec.to_dict(),
+            "vit": self.vit_spec.to_dict(),
+            "image_size": self.img_size,
             "head": self.head_kind,
             "embed_dim": self.embed_dim,
         }

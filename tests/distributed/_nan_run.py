@@ -61,18 +61,19 @@ def main(loop: str, out: Path, bad_call: int, shards: str) -> None:
             "--model.vit_patch_size", "8", "--embed-dim", "32", "--model.proj_hidden_dim", "64", "--image-size",
             "32", "--batch-size", "8", "--precision", "fp32", "--max-steps", "5", "--log-every", "1"]))
     else:
-        real_classifier, real_loss, loss_calls = finetune_module.build_classifier, finetune_module.compute_loss, []
+        real_classifier, real_loss, loss_calls = finetune_module.build_classifier, finetune_module.FinetuneLoss, []
 
-        def build_classifier(cfg, manifest):
-            built["model"] = model = real_classifier(cfg, manifest)
+        def build_classifier(*args):
+            built["model"] = model = real_classifier(*args)
             return model
 
-        def compute_loss(*args):
-            loss_calls.append(1)
-            loss = real_loss(*args)
-            return loss * float("nan") if rank == 1 and len(loss_calls) == bad_call else loss
+        class FinetuneLoss(real_loss):
+            def __call__(self, *args):
+                loss_calls.append(1)
+                loss = super().__call__(*args)
+                return loss * float("nan") if rank == 1 and len(loss_calls) == bad_call else loss
 
-        finetune_module.build_classifier, finetune_module.compute_loss = build_classifier, compute_loss
+        finetune_module.build_classifier, finetune_module.FinetuneLoss = build_classifier, FinetuneLoss
         finetune_module.finetune(parse_finetune_config([
             "--data", shards, "--output-dir", str(out / loop), "--init", "random", "--branch", "cnn",
             "--batch-size", "8", "--image-size", "32", "--precision", "fp32", "--max-steps", "5", "--log-every", "1"]))

@@ -38,3 +38,13 @@ def tiny_export(tmp_path_factory) -> Path:
     model = CASS("resnet18", "vit_tiny_patch16_224", embed_dim=16, img_size=32, vit_patch_size=8)
     export_backbones(model, run_dir)
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def shards28(tmp_path_factory) -> Path:
+    """A 3-class synthetic shard set at 28 px, MedMNIST's size (120 images: train 84 / val 12 / test 24)."""
+    from cass_dist.data.synthetic import build_synthetic
+
+    out = tmp_path_factory.mktemp("downstream") / "syn28"
+    build_synthetic(out, num_images=120, image_size=28, num_classes=3, seed=2)
+    return out

@@ -16,6 +16,8 @@ from cass_dist.configs.finetune import parse_finetune_config
 from cass_dist.engine.finetune import finetune
 from cass_dist.engine.run import Run
 
+pytestmark = pytest.mark.slow  # trains, twice per case
+
 
 def args(shards, out, *extra):
     return ["--data", str(shards), "--init", "random", "--branch", "cnn", "--batch-size", "16", "--image-size", "32",
@@ -23,23 +25,27 @@ def args(shards, out, *extra):
             "--lr", "0.001", "--log-every", "1", "--data.train_transform", "eval", "--output-dir", str(out), *extra]
 
 
-def test_resume_after_signal_equals_straight_run(syn_shards, tmp_path, monkeypatch):
-    straight = finetune(parse_finetune_config(args(syn_shards, tmp_path / "straight")))
+@pytest.mark.parametrize("extra, stop_after", [((), 1), (("--freeze-backbone-steps", "2"), 2)],
+                         ids=["plain", "resumed-at-the-unfreeze-point"])
+def test_resume_after_signal_equals_straight_run(syn_shards, tmp_path, monkeypatch, extra, stop_after):
+    # With a frozen phase the run stops on its last frozen step: the resumed run unfreezes, and its
+    # checkpoint holds no optimizer state for the backbone yet.
+    straight = finetune(parse_finetune_config(args(syn_shards, tmp_path / "straight", *extra)))
 
     calls = []
     real_should_stop = Run.should_stop
 
-    def stop_once(self, *args):  # as if SIGUSR1 arrived during the first step
+    def stop_once(self, *args):  # as if SIGUSR1 arrived during step `stop_after`
         calls.append(1)
-        if len(calls) == 1:
+        if len(calls) == stop_after:
             self._stop_signal = "SIGUSR1"
         return real_should_stop(self, *args)
 
     monkeypatch.setattr(Run, "should_stop", stop_once)
-    assert finetune(parse_finetune_config(args(syn_shards, tmp_path / "resumed"))) == {}
+    assert finetune(parse_finetune_config(args(syn_shards, tmp_path / "resumed", *extra))) == {}
     assert not (tmp_path / "resumed/metrics.json").exists()
     monkeypatch.setattr(Run, "should_stop", real_should_stop)
-    resumed = finetune(parse_finetune_config(args(syn_shards, tmp_path / "resumed", "--resume", "auto")))
+    resumed = finetune(parse_finetune_config(args(syn_shards, tmp_path / "resumed", *extra, "--resume", "auto")))
 
     assert resumed["steps"] == straight["steps"] == 4
     assert resumed["best_step"] == straight["best_step"]

@@ -15,7 +15,8 @@ from cass_dist.configs.pretrain import parse_pretrain_config
 from cass_dist.data.synthetic import build_synthetic
 from cass_dist.engine.pretrain import build_train_loader, pretrain
 from cass_dist.engine.step import lr_factor
-from cass_dist.models import WeightsUnavailableError, load_backbone, read_export_info
+from cass_dist.models import ExportError, load_backbone, read_export_info
+from cass_dist.models.small_images import apply_small_stem
 
 pytestmark = pytest.mark.slow  # trains (CPU, timm test models, seconds each)
 
@@ -78,12 +79,19 @@ def test_default_dino_trains_logs_and_exports_its_teacher(shards, tmp_path, back
     for name, value in ours.state_dict().items():
         assert torch.equal(value, saved[f"teacher.{name}"]), name
     assert not all(torch.equal(saved[f"teacher.{n}"], saved[f"student.{n}"]) for n in ours.state_dict())
-    spec = info[backbone]
-    plain = timm.create_model(spec["name"], pretrained=True, **spec["timm_kwargs"],
-                              pretrained_cfg_overlay=dict(file=str(tmp_path / "export" / spec["file"]))).eval()
+    spec, weights_file = info[backbone], tmp_path / "export" / info[backbone]["file"]
+    assert spec["small_stem"] == (backbone == "cnn")  # 32 px: the CNN gets the small stem, as CASS's would
+    if spec["small_stem"]:  # timm's model with its stem made stride-1 (test_resnet's is a deep stem), strict load
+        plain = timm.create_model(spec["name"], **spec["timm_kwargs"])
+        apply_small_stem(plain, spec["name"])
+        plain.load_state_dict(load_file(weights_file))
+    else:
+        plain = timm.create_model(spec["name"], pretrained=True, **spec["timm_kwargs"],
+                                  pretrained_cfg_overlay=dict(file=str(weights_file)))
+    plain.eval()
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(plain(x), ours(x))
-    with pytest.raises(WeightsUnavailableError, match=f"holds only \\['{backbone}'\\]"):
+    with pytest.raises(ExportError, match=f"holds no '{other}' branch \\(it holds \\['{backbone}'\\], method dino\\)"):
         load_backbone(tmp_path, other)
 
 

@@ -9,6 +9,9 @@ from cass_dist.monitor import CollapseMonitor, embedding_stats
 
 
 def _tiny(**kwargs):
+    # timm's stem, not the 32 px default small stem: these tests are about the pair and its objectives,
+    # and the stride-1 stem makes the training tests 3x slower (the stem: test_small_images.py).
+    kwargs.setdefault("small_stem", False)
     return CASS("test_resnet", "test_vit", img_size=32, vit_patch_size=4, **kwargs)
 
 
