@@ -73,6 +73,9 @@ def parse_args(argv=None) -> Namespace:
     p.add_argument("--ft-steps", type=int, default=0,
                    help="fine-tuning steps; 0 = the fine-tuning defaults (epochs, early stopping on val)")
     p.add_argument("--stages", nargs="+", default=["probes", "finetune"], choices=["probes", "finetune"])
+    p.add_argument("--stem", choices=["small", "timm"], default="small",
+                   help="every contender's CNN stem: small (stride-1 3x3, no max-pool; the default at <= 64 px and "
+                        "MedMNIST v2's ResNet-18) or timm's (7x7 stride 2 + max-pool; cheaper on a CPU)")
     p.add_argument("--quick", action="store_true", help=f"tiny scale, for the plumbing: {QUICK}")
     p.add_argument("--table", action="store_true", help="only print the tables of the results so far")
     args = p.parse_args(argv)
@@ -89,7 +92,8 @@ class Study(Bench):
     def __init__(self, args: Namespace, dataset: str):
         self.source, image_size = DATASETS[dataset]
         super().__init__(Namespace(dataset=dataset, root=None, work=str(Path(args.work) / dataset),
-                                   image_size=image_size, patch=image_size // 4, probe_fraction=args.probe_fraction))
+                                   image_size=image_size, patch=image_size // 4, probe_fraction=args.probe_fraction,
+                                   small_stem=args.stem == "small"))
         self.opts = args
 
     def make_shards(self) -> None:
@@ -122,7 +126,7 @@ class Study(Bench):
         argv = ["--preset", "demo", "--data", str(self.shards), "--image-size", str(a.image_size),
                 "--model.vit_patch_size", str(a.patch), "--max-steps", str(steps), "--batch-size",
                 str(self.opts.batch_size), "--save-every", "0", "--knn-every", "0", "--seed", str(seed),
-                "--output-dir", str(out), "--resume", "auto", *FLAGS[contender]]
+                "--output-dir", str(out), "--resume", "auto", *self.stem_flags(), *FLAGS[contender]]
         if not ((out / "summary.json").is_file() and (out / "export" / "model.json").is_file()):
             pretrain(parse_pretrain_config(argv))  # an interrupted run resumes from its checkpoint
             # the study uses the export; the resumable state (~250 MB a run) is dead once the run is complete
@@ -144,7 +148,7 @@ class Study(Bench):
         result = {}
         for branch in CONTENDERS[contender]:
             torch.manual_seed(seed)  # random init: each seed its own weights
-            backbone, _ = build_backbone(self.model_section(init), branch)
+            backbone, _ = build_backbone(self.model_section(init), branch, self.args.image_size)
             result[branch] = self.probe(backbone)
         self.record(key, result)
 
@@ -160,7 +164,7 @@ class Study(Bench):
                 "--model.vit_kwargs", json.dumps({"img_size": a.image_size, "patch_size": a.patch}),
                 "--label-fraction", str(fraction), "--image-size", str(a.image_size),
                 "--batch-size", str(min(32, labelled)), "--lr", f"{lr:.10f}", "--precision", "fp32",
-                "--seed", str(seed), "--output-dir", str(out), "--resume", "auto"]
+                "--seed", str(seed), "--output-dir", str(out), "--resume", "auto", *self.stem_flags()]
         if o.ft_steps:
             argv += ["--max-steps", str(o.ft_steps), "--eval-every", str(max(1, o.ft_steps // 10)), "--patience", "5"]
         started = time.perf_counter()

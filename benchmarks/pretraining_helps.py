@@ -76,6 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ft-branches", nargs="+", default=["cnn", "vit", "both"], choices=["cnn", "vit", "both"],
                    help="branches fine-tuned (both: the CNN's and the ViT's probabilities averaged)")
     p.add_argument("--inits", nargs="+", default=list(INITS), choices=INITS)
+    p.add_argument("--small-stem", action="store_true",
+                   help="give every init's CNN the small stem (stride-1 3x3, no max-pool); off: timm's stem for all, "
+                        "the demo preset's, which the recorded figures used")
     p.add_argument("--stages", nargs="+", default=["probes", "finetune"], choices=["probes", "finetune"])
     p.add_argument("--table", action="store_true", help="only print the table of the results so far")
     return p.parse_args(argv)
@@ -149,7 +152,7 @@ class Bench:
         argv = ["--preset", "demo", "--data", str(self.shards), "--image-size", str(a.image_size),
                 "--model.vit_patch_size", str(a.patch), "--max-steps", str(steps), "--batch-size",
                 str(a.batch_size), "--save-every", "0", "--knn-every", "0", "--log-every", "10",
-                "--seed", str(seed), "--output-dir", str(out)]
+                "--seed", str(seed), "--output-dir", str(out), *self.stem_flags()]
         if objective == "paper":  # exactly the paper: its loss on the linear (timm classifier) heads, one view
             argv += ["--objective", "paper", "--head", "linear", "--views", "1"]
         else:
@@ -166,9 +169,15 @@ class Bench:
             return "random"
         return str(self.pretrain_run("default" if init == "cass" else "paper", seed))
 
+    def stem_flags(self) -> list[str]:
+        """The same CNN stem for every contender: pretraining and a random init would otherwise differ
+        (the demo preset keeps timm's stem, a random init at <= 64 px gets the small one)."""
+        return ["--model.small_stem", "true" if self.args.small_stem else "false"]
+
     def model_section(self, init: str) -> DownstreamModelSection:
         return DownstreamModelSection(init=init, cnn="resnet18", vit="vit_tiny_patch16_224",
-                                      vit_kwargs={"img_size": self.args.image_size, "patch_size": self.args.patch})
+                                      vit_kwargs={"img_size": self.args.image_size, "patch_size": self.args.patch},
+                                      small_stem=self.args.small_stem)
 
     def probes(self, init: str, seed: int) -> None:
         key = f"probe/{init}/seed{seed}"
@@ -178,7 +187,7 @@ class Bench:
         result = {}
         for branch in ("cnn", "vit"):
             torch.manual_seed(seed)  # random init: each seed its own weights
-            backbone, _ = build_backbone(self.model_section(path), branch)
+            backbone, _ = build_backbone(self.model_section(path), branch, self.args.image_size)
             result[branch] = self.probe(backbone)
         self.record(key, result)
 
@@ -195,7 +204,7 @@ class Bench:
             "--label-fraction", str(a.ft_fraction), "--image-size", str(a.image_size), "--batch-size", "32",
             "--max-steps", str(a.ft_steps), "--eval-every", str(a.ft_eval_every), "--patience", str(a.ft_patience),
             "--lr", f"{lr:.10f}", "--layer-decay", str(layer_decay), "--warmup-steps", "10", "--precision", "fp32", "--seed", str(seed),
-            "--output-dir", str(out), "--log-every", "5"])
+            "--output-dir", str(out), "--log-every", "5", *self.stem_flags()])
         result = finetune(cfg)
         self.record(key, {split: {m: result[split][m] for m in METRICS} for split in ("val", "test")}
                     | {"best_step": result["best_step"], "steps": result["steps"]})

@@ -107,7 +107,7 @@ def test_finetune_fingerprint_covers_init_labels_and_objective():
     base = ft()
     assert base[GLOBAL_BATCH] == 32 and base["model.init"] == "random"
     for argv, name in ((["--label-fraction", "0.5"], "data.label_fraction"), (["--init", "runs/x"], "model.init"),
-                       (["--loss", "ce"], "loss.name"), (["--branch", "vit"], "model.branch"),
+                       (["--loss", "focal"], "loss.name"), (["--branch", "vit"], "model.branch"),
                        (["--metric", "accuracy"], "early_stop.metric"), (["--batch-size", "8"], GLOBAL_BATCH)):
         with pytest.raises(ResumeMismatchError, match=name):
             check_resume(base, ft(*argv))
