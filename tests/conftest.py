@@ -35,3 +35,15 @@ def restore_environ():
     for name in set(os.environ) - set(PRISTINE_ENVIRON) - {"PYTEST_CURRENT_TEST"}:  # pytest's own, it removes it
         del os.environ[name]
     os.environ.update(PRISTINE_ENVIRON)
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate's singletons reset before and after the test (modules that train in-process use it)."""
+    from tests._accelerate import (
+        reset_accelerate_state,  # here: torch loads only after the thread settings above
+    )
+
+    reset_accelerate_state()
+    yield
+    reset_accelerate_state()

@@ -17,29 +17,20 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from cass_dist.configs.base import RUN_ALIASES, FieldError, RunSection, parse_config
-from cass_dist.configs.pretrain import check_loader_fields
+from cass_dist.configs.pretrain import LoaderFields
 from cass_dist.metrics import SCALAR_METRICS
 
 BUILTIN_INITS = ("random", "imagenet")
 
 
 @dataclass
-class DownstreamDataSection:
+class DownstreamDataSection(LoaderFields):
     shards: str = ""  # directory holding manifest.json (made by cass-shards)
     train_split: str = "train"  # split the head (and backbone) trains on
     val_split: str = "val"  # split for early stopping and the linear probe's C
     test_split: str = "test"  # split scored at the end
     batch_size: int = 32  # per process
     eval_batch_size: int = 0  # 0 = batch_size
-    # loader processes per training process; auto: min(8, cores per process - 1) on a GPU, 0 on a CPU
-    # with fewer than 8 cores per process (docs/data.md)
-    num_workers: int | Literal["auto"] = "auto"
-    prefetch_factor: int = 2  # batches each loader worker keeps ready
-    persistent_workers: bool = True  # one set of workers for every epoch and evaluation (no restarts)
-    shuffle_buffer: int = 1000  # undecoded samples each worker shuffles through
-    decode: Literal["cpu", "gpu"] = "cpu"  # gpu: workers ship JPEG bytes, nvJPEG decodes them on the training GPU
-    max_skipped_fraction: float = 0.01  # stop when an epoch skips more than this share as corrupted
-    verify_shards: bool = False  # check every shard's sha256 against the manifest before training
     image_size: int = 0  # 0 = the export's image size (init from a run), else the manifest's
     label_fraction: float = 1.0  # stratified share of the training labels used
     fraction_seed: int = 0  # which stratified subset; fixed across seeds so runs compare on the same labels
@@ -59,7 +50,7 @@ class DownstreamDataSection:
         if self.image_size != 0 and self.image_size < 8:  # as pretraining: smaller cannot hold a stem or a patch grid
             raise FieldError("image_size", "must be >= 8, or 0 for the export's (else the manifest's) size",
                              self.image_size)
-        check_loader_fields(self)
+        self.validate_loader()
 
     @property
     def eval_batch(self) -> int:

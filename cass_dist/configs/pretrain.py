@@ -26,11 +26,9 @@ from cass_dist.losses.cass import DEFAULT_OBJECTIVE
 
 
 @dataclass
-class DataSection:
-    shards: str = ""  # directory holding manifest.json (made by cass-shards)
-    train_split: str = "train"  # split the model trains on
-    val_split: str = "val"  # used by the periodic kNN when the shard set has labels
-    batch_size: int = 32  # per process
+class LoaderFields:
+    """How a data section's shards are streamed: the fields pretraining and fine-tuning share."""
+
     # loader processes per training process; auto: min(8, cores per process - 1) on a GPU, 0 on a CPU
     # with fewer than 8 cores per process (docs/data.md)
     num_workers: int | Literal["auto"] = "auto"
@@ -40,6 +38,24 @@ class DataSection:
     decode: Literal["cpu", "gpu"] = "cpu"  # gpu: workers ship JPEG bytes, nvJPEG decodes them on the training GPU
     max_skipped_fraction: float = 0.01  # stop when an epoch skips more than this share as corrupted
     verify_shards: bool = False  # check every shard's sha256 against the manifest before training
+
+    def validate_loader(self) -> None:
+        """Raise FieldError naming the loader field that is out of range."""
+        if self.num_workers != "auto" and self.num_workers < 0:
+            raise FieldError("num_workers", "must be >= 0 or auto", self.num_workers)
+        for name in ("prefetch_factor", "shuffle_buffer"):
+            if getattr(self, name) < 1:
+                raise FieldError(name, "must be >= 1", getattr(self, name))
+        if not 0 <= self.max_skipped_fraction <= 1:
+            raise FieldError("max_skipped_fraction", "must be in [0, 1]", self.max_skipped_fraction)
+
+
+@dataclass
+class DataSection(LoaderFields):
+    shards: str = ""  # directory holding manifest.json (made by cass-shards)
+    train_split: str = "train"  # split the model trains on
+    val_split: str = "val"  # used by the periodic kNN when the shard set has labels
+    batch_size: int = 32  # per process
     image_size: int = 224  # pixels, square: images are resized/cropped to this
     transform: Literal["pretrain", "ssl", "eval"] = "pretrain"  # the paper's; crops, jitter, blur; none
     # 2: each branch gets its own augmentation of the image, so agreeing means ignoring what the
@@ -52,20 +68,9 @@ class DataSection:
             raise FieldError("shards", "required: a shard directory made by cass-shards (--data DIR)")
         if self.batch_size < 1:
             raise FieldError("batch_size", "must be >= 1", self.batch_size)
-        check_loader_fields(self)
+        self.validate_loader()
         if self.image_size < 8:
             raise FieldError("image_size", "must be >= 8", self.image_size)
-
-
-def check_loader_fields(data) -> None:
-    """The loader fields DataSection and DownstreamDataSection share; raise FieldError naming the field."""
-    if data.num_workers != "auto" and data.num_workers < 0:
-        raise FieldError("num_workers", "must be >= 0 or auto", data.num_workers)
-    for name in ("prefetch_factor", "shuffle_buffer"):
-        if getattr(data, name) < 1:
-            raise FieldError(name, "must be >= 1", getattr(data, name))
-    if not 0 <= data.max_skipped_fraction <= 1:
-        raise FieldError("max_skipped_fraction", "must be in [0, 1]", data.max_skipped_fraction)
 
 
 @dataclass

@@ -9,13 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 
 from cass_dist.configs.pretrain import parse_pretrain_config
 from cass_dist.data import build_loader, load_manifest
 from cass_dist.data.health import CorruptDataError, ShardDigestError, SkipTracker, check_digests
 from cass_dist.data.synthetic import build_synthetic
 from cass_dist.engine.pretrain import pretrain
+from tests._accelerate import reset_accelerate_state
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # each test trains in-process
 
 
 @pytest.fixture(scope="module")
@@ -35,15 +37,6 @@ def truncated(shards: Path, tmp_path: Path, keep_samples: int = 40) -> Path:
         cut_at = [m for m in tar.getmembers() if m.name.endswith(".png")][keep_samples].offset_data + 10
     path.write_bytes(path.read_bytes()[:cut_at])
     return out
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def test_skips_are_counted_per_shard_and_warned_at_the_first_one(shards, tmp_path, caplog):
@@ -111,8 +104,7 @@ def test_a_run_on_a_truncated_shard_stops_with_a_clear_error(shards, tmp_path):
     damaged = truncated(shards, tmp_path)
     with pytest.raises(CorruptDataError, match=r"train-000001.tar \(\d+\).*cass-shards verify"):
         pretrain(tiny(damaged, tmp_path / "strict"))  # the default data.max_skipped_fraction, 0.01
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     summary = pretrain(tiny(damaged, tmp_path / "lenient", "--data.max_skipped_fraction", "0.5"))
     assert summary.steps == 4 and summary.skipped_samples >= 40
 

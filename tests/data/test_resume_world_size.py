@@ -8,13 +8,14 @@ missing.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
+
+from tests.distributed._ranks import free_port
 
 pytestmark = pytest.mark.slow  # trains in subprocesses (CPU, tiny models)
 REPO = Path(__file__).resolve().parents[2]
@@ -51,12 +52,6 @@ def args(shards, out, batch_size, max_steps):
             "--model.vit_patch_size", "8", "--embed-dim", "16", "--image-size", "32", "--batch-size", str(batch_size),
             "--precision", "fp32", "--model.channels_last", "false", "--max-steps", str(max_steps),
             "--save-every", "3", "--log-every", "3", "--resume", "auto", "--num-workers", "1"]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_resume_on_one_process_after_two_goes_on_from_the_same_global_sample(tmp_path):

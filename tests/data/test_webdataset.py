@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 
 from cass_dist.configs.pretrain import parse_pretrain_config
@@ -19,6 +18,8 @@ from cass_dist.data.adopt import AdoptError, adopt_shards
 from cass_dist.data.synthetic import render
 from cass_dist.data.verify import verify_shards
 from cass_dist.engine.pretrain import pretrain
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # each test trains in-process
 
 
 def test_plain_webdataset_reads_our_shards(synthetic_shards, shard_reader):
@@ -44,15 +45,6 @@ def write_plain_webdataset(out, *, per_split=(("train", 96), ("val", 24)), image
                 sample = {"__key__": f"{split}/{i:05d}", "jpg": buffer.getvalue()}
                 sample.update({"cls": str(label)} if label_as == "cls" else {"json": {"label": label}})
                 sink.write(sample)
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def test_shards_written_by_plain_shardwriter_train_once_adopted(tmp_path):

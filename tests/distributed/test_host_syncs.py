@@ -21,7 +21,6 @@ from collections import defaultdict
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
@@ -29,6 +28,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 from cass_dist.configs.pretrain import parse_pretrain_config
 from cass_dist.data.synthetic import build_synthetic
 from cass_dist.engine import pretrain as pretrain_module
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # each test trains in-process
 
 SYNCS = {"item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy", "cpu"}
 ACCUM, STEPS, LOG_EVERY = 3, 6, 3
@@ -94,15 +95,6 @@ class TimedLoader:
                 self.counter.in_loader = False
             self.counter.mark(batch["image"])  # the engine moves it to the device next
             yield batch
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 @pytest.mark.parametrize("objective", ["vicreg", "paper"])

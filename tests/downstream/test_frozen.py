@@ -4,7 +4,6 @@ optimizer state for it and no BatchNorm update; afterwards all three resume. Als
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from cass_dist.configs.finetune import parse_finetune_config
 from cass_dist.engine.classifier import load_classifier
 from cass_dist.engine.finetune import finetune
 from cass_dist.models import load_backbone
+from tests.distributed._ranks import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow  # trains
@@ -85,17 +85,11 @@ def test_a_run_that_ends_frozen_keeps_every_backbone_weight_and_buffer(syn_shard
     assert head.abs().sum() > 0
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_ddp_ranks_freeze_then_unfreeze(syn_shards, tiny_export, tmp_path):
     # Frozen parameters get no gradient: DDP needs find_unused_parameters, else it fails at step 2.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(REPO / "launch/finetune.py"), *args(syn_shards, tiny_export, out, "--max-steps", "3",
                                                      "--freeze-backbone-steps", "2", "--batch-size", "8")]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ from sklearn.metrics import (
 )
 
 from cass_dist.metrics import compute_metrics, gather_predictions, write_metrics
+from tests.distributed._ranks import free_port
 from tests.downstream._dist_worker import make_predictions
 
 REPO = Path(__file__).resolve().parents[2]
@@ -108,12 +108,6 @@ def test_single_process_gather_sorts_by_key():
     got = gather_predictions(None, probs[order], labels[order], [keys[i] for i in order])
     assert got[2] == keys
     assert torch.equal(got[0], probs) and torch.equal(got[1], labels)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_two_ranks_equal_one(tmp_path):

@@ -6,7 +6,6 @@ import pickle
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 
 from cass_dist.engine.checkpoint import (
     STATE_FILE,
@@ -19,20 +18,19 @@ from cass_dist.engine.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
+from tests._accelerate import reset_accelerate_state
 
 
 @pytest.fixture()
 def prepared():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     torch.manual_seed(0)
     acc = Accelerator(cpu=True)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model, opt = acc.prepare(model, opt)
     yield acc, model, opt
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
 
 
 def train_steps(acc, model, opt, n):

@@ -18,41 +18,14 @@ runs must compute the same gradients:
 """
 
 import json
-import os
-import socket
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.distributed._merged import merged_ranks_loader, run_ddp_and_merged
+
 pytestmark = pytest.mark.slow  # trains in subprocesses (still CPU, tiny models)
-REPO = Path(__file__).resolve().parents[2]
-
-
-class MergedRanks:
-    """Rank 0's and rank 1's batches (world size 2) concatenated: one process sees the global batch."""
-
-    def __init__(self, loaders):
-        self.loaders = loaders
-
-    def __len__(self):
-        return len(self.loaders[0])
-
-    def __iter__(self):
-        for parts in zip(*self.loaders):
-            yield {"image": torch.cat([p["image"] for p in parts]), "label": torch.cat([p["label"] for p in parts]),
-                   "key": [k for p in parts for k in p["key"]], "seed": parts[0]["seed"]}
-
-
-def merged_ranks_loader(cfg, accelerator, epoch, start_batch):
-    from cass_dist.data import build_loader
-
-    d = cfg.data
-    return MergedRanks([build_loader(d.shards, d.train_split, batch_size=d.batch_size // 2, train=True, rank=r,
-                                     world_size=2, seed=cfg.run.seed, epoch=epoch, image_size=d.image_size,
-                                     transform=d.transform, start_batch=start_batch) for r in range(2)])
 
 
 def args(shards, out, batch_size, objective):
@@ -63,12 +36,6 @@ def args(shards, out, batch_size, objective):
             "--max-steps", "4", "--warmup-steps", "1", "--log-every", "1"]
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("objective", ["vicreg", "paper"])  # vicreg: the default, with batch statistics
 def test_two_process_ddp_equals_one_process_on_the_doubled_batch(tmp_path, objective):
     from safetensors.torch import load_file
@@ -77,25 +44,15 @@ def test_two_process_ddp_equals_one_process_on_the_doubled_batch(tmp_path, objec
 
     shards = tmp_path / "syn"
     build_synthetic(shards, num_images=320, image_size=32, shard_size=80)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-    ddp = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-         "--main_process_port", str(free_port()), __file__, "ddp", *args(shards, tmp_path / "ddp", 8, objective)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    assert (tmp_path / "ddp" / "checkpoints" / "step-0000004" / "random_states_1.pkl").is_file()  # 2 ranks ran
-    single = subprocess.run([sys.executable, __file__, "merged", *args(shards, tmp_path / "one", 16, objective)],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert single.returncode == 0, single.stderr[-3000:]
+    ddp_dir, one_dir = run_ddp_and_merged(__file__, lambda out, batch: args(shards, out, batch, objective), tmp_path, 8)
 
-    a = load_file(tmp_path / "ddp" / "checkpoints" / "step-0000004" / "model.safetensors")
-    b = load_file(tmp_path / "one" / "checkpoints" / "step-0000004" / "model.safetensors")
+    a = load_file(ddp_dir / "checkpoints" / "step-0000004" / "model.safetensors")
+    b = load_file(one_dir / "checkpoints" / "step-0000004" / "model.safetensors")
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
-    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-              for run in ("ddp", "one")]
+    losses = [[json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+              for run in (ddp_dir, one_dir)]
     assert losses[0][-1] < losses[0][0]  # it trained
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
 

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
 from cass_dist.configs.pretrain import parse_pretrain_config
@@ -17,6 +16,9 @@ from cass_dist.engine.pretrain import NonFiniteLossError, pretrain
 from cass_dist.engine.step import count_steps, lr_factor
 from cass_dist.methods import cass as cass_method_module
 from cass_dist.models import load_backbone
+from tests._accelerate import reset_accelerate_state
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # each test trains in-process
 
 
 @pytest.fixture(scope="module")
@@ -24,15 +26,6 @@ def shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("shards") / "syn"
     build_synthetic(out, num_images=320, image_size=32, shard_size=80)
     return out
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def tiny(shards, out, *extra):
@@ -79,8 +72,7 @@ def test_default_objective_run_end_to_end(shards, tmp_path):
         assert torch.equal(value, saved[f"model.cnn.{name}"]), name
 
     # Launching the finished run again (the demo's `--resume auto`) reports it instead of retraining.
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     assert pretrain(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, resume="auto"))) == summary
 
 
@@ -160,8 +152,7 @@ def test_gradient_accumulation_equals_the_big_batch(shards, tmp_path):
     assert small_keys == next(iter(big))["key"]  # the premise: the same samples in the same order
 
     pretrain(tiny(shards, tmp_path / "accum", *common, "--batch-size", "8", "--grad-accum-steps", "2"))
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     pretrain(tiny(shards, tmp_path / "big", *common, "--batch-size", "16"))
     a = load_file(tmp_path / "accum" / "checkpoints" / "step-0000003" / "model.safetensors")
     b = load_file(tmp_path / "big" / "checkpoints" / "step-0000003" / "model.safetensors")

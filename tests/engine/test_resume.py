@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from cass_dist.data.synthetic import build_synthetic
 from cass_dist.engine.checkpoint import list_checkpoints, read_train_state
+from tests._accelerate import reset_accelerate_state
 
 pytestmark = pytest.mark.slow  # trains in subprocesses (still CPU, tiny models)
 REPO = Path(__file__).resolve().parents[2]
@@ -135,19 +136,15 @@ def tiny_args(shards, out, *extra):
 
 
 def pretrain_cli(argv) -> int:
-    from accelerate.state import AcceleratorState, GradientState
-
     from cass_dist.configs.pretrain import parse_pretrain_config
     from cass_dist.engine.entry import run_entry
     from cass_dist.engine.pretrain import pretrain
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     try:
         return run_entry("launch/pretrain.py", parse_pretrain_config, pretrain, argv)
     finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+        reset_accelerate_state()
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -252,15 +249,12 @@ def test_damaged_checkpoints_give_one_line_errors_and_change_nothing(shards, run
 
 
 def test_a_fine_tuning_resume_is_checked_too(shards, tmp_path, capsys):
-    from accelerate.state import AcceleratorState, GradientState
-
     from cass_dist.configs.finetune import parse_finetune_config
     from cass_dist.engine.entry import run_entry
     from cass_dist.engine.finetune import finetune
 
     def finetune_cli(*extra):
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+        reset_accelerate_state()
         argv = ["--data", str(shards), "--init", "random", "--cnn", "test_resnet", "--batch-size", "16",
                 "--image-size", "32", "--precision", "fp32", "--max-steps", "1", "--output-dir", str(tmp_path / "ft"),
                 *extra]

@@ -9,10 +9,10 @@ import types
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 
 from cass_dist.configs.base import RunSection
 from cass_dist.engine.run import Run
+from tests._accelerate import reset_accelerate_state
 
 
 class StubRun:
@@ -48,8 +48,7 @@ def wandb_stub(monkeypatch):
 
 
 def start(tmp_path, resume=""):
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     run = Run(RunSection(output_dir=str(tmp_path), report_to="wandb", precision="fp32", resume=resume))
     model = torch.nn.Linear(2, 2)
     run.accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))

@@ -8,7 +8,6 @@ import signal
 import pytest
 import timm
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
 from cass_dist.configs.pretrain import parse_pretrain_config
@@ -17,8 +16,10 @@ from cass_dist.engine.pretrain import build_train_loader, pretrain
 from cass_dist.engine.step import lr_factor
 from cass_dist.models import ExportError, load_backbone, read_export_info
 from cass_dist.models.small_images import apply_small_stem
+from tests._accelerate import reset_accelerate_state
 
-pytestmark = pytest.mark.slow  # trains (CPU, timm test models, seconds each)
+# trains in-process (CPU, timm test models, seconds each)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fresh_accelerate_state")]
 
 
 @pytest.fixture(scope="module")
@@ -26,15 +27,6 @@ def shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("shards") / "syn"
     build_synthetic(out, num_images=640, image_size=32, shard_size=160)
     return out
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def dino(shards, out, *extra):
@@ -122,12 +114,10 @@ def test_stopped_and_resumed_dino_equals_a_straight_run(shards, tmp_path):
     # centre, the multi-crop randomness and the schedules must all continue exactly.
     extra = ("--max-steps", "8", "--dino.local_crops", "2", "--dino.freeze_last_layer", "0.3")
     pretrain(dino(shards, tmp_path / "straight", *extra))
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     stopped = pretrain(dino(shards, tmp_path / "resumed", *extra), make_loader=stop_after(4))
     assert stopped.stopped_by == "SIGUSR1" and stopped.steps == 4
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     pretrain(dino(shards, tmp_path / "resumed", *extra, "--resume", "auto"))
     straight = load_file(tmp_path / "straight" / "checkpoints" / "step-0000008" / "model.safetensors")
     resumed = load_file(tmp_path / "resumed" / "checkpoints" / "step-0000008" / "model.safetensors")
@@ -143,8 +133,7 @@ def test_without_centring_dino_collapses_and_the_monitor_says_so(shards, tmp_pat
     fast = ("--max-steps", "40", "--dino.local_crops", "0", "--dino.momentum_teacher", "0.95",
             "--dino.base_lr", "0", "--lr-vit", "5e-4", "--log-every", "4")
     pretrain(dino(shards, tmp_path / "off", *fast, "--dino.centering", "false"))
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     pretrain(dino(shards, tmp_path / "on", *fast))
     off, on = records(tmp_path / "off"), records(tmp_path / "on")
     assert any(r.get("collapse_warning") for r in off)
