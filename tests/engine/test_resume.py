@@ -23,26 +23,10 @@ REPO = Path(__file__).resolve().parents[2]
 # Runs the real CLI, but sends itself `signal` while fetching micro-batch number `after`: a kill at a
 # known point of the run, independent of machine speed.
 SELF_SIGNAL = """
-import os, signal, sys
+import signal, sys
 from cass_dist.engine import pretrain as p
-sig, after = getattr(signal, sys.argv[1]), int(sys.argv[2])
-fetched = 0
-
-class SignalsItself:
-    def __init__(self, inner):
-        self.inner = inner
-    def __len__(self):
-        return len(self.inner)
-    def __iter__(self):
-        global fetched
-        for batch in self.inner:
-            fetched += 1
-            if fetched == after:
-                os.kill(os.getpid(), sig)
-            yield batch
-
-build = p.build_train_loader
-p.build_train_loader = lambda *a: SignalsItself(build(*a))
+from tests._signals import signals_itself
+p.build_train_loader = signals_itself(p.build_train_loader, getattr(signal, sys.argv[1]), int(sys.argv[2]))
 p.pretrain.__kwdefaults__["make_loader"] = p.build_train_loader
 sys.path.insert(0, "launch")
 import pretrain as entry

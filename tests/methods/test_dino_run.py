@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 import signal
 
 import pytest
@@ -17,6 +16,7 @@ from cass_dist.engine.step import lr_factor
 from cass_dist.models import ExportError, load_backbone, read_export_info
 from cass_dist.models.small_images import apply_small_stem
 from tests._accelerate import reset_accelerate_state
+from tests._signals import signals_itself
 
 # trains in-process (CPU, timm test models, seconds each)
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fresh_accelerate_state")]
@@ -87,35 +87,14 @@ def test_default_dino_trains_logs_and_exports_its_teacher(shards, tmp_path, back
         load_backbone(tmp_path, other)
 
 
-def stop_after(micro_batches):
-    """A loader factory that sends this process SIGUSR1 while fetching micro-batch ``micro_batches``."""
-    fetched = 0
-
-    class SignalsItself:
-        def __init__(self, inner):
-            self.inner = inner
-
-        def __len__(self):
-            return len(self.inner)
-
-        def __iter__(self):
-            nonlocal fetched
-            for batch in self.inner:
-                fetched += 1
-                if fetched == micro_batches:
-                    os.kill(os.getpid(), signal.SIGUSR1)
-                yield batch
-
-    return lambda *a: SignalsItself(build_train_loader(*a))
-
-
 def test_stopped_and_resumed_dino_equals_a_straight_run(shards, tmp_path):
     # 448 train images / 16 = 28 steps an epoch; 2 local crops keep it short; the EMA teacher, the
     # centre, the multi-crop randomness and the schedules must all continue exactly.
     extra = ("--max-steps", "8", "--dino.local_crops", "2", "--dino.freeze_last_layer", "0.3")
     pretrain(dino(shards, tmp_path / "straight", *extra))
     reset_accelerate_state()
-    stopped = pretrain(dino(shards, tmp_path / "resumed", *extra), make_loader=stop_after(4))
+    stop_at_4 = signals_itself(build_train_loader, signal.SIGUSR1, 4)
+    stopped = pretrain(dino(shards, tmp_path / "resumed", *extra), make_loader=stop_at_4)
     assert stopped.stopped_by == "SIGUSR1" and stopped.steps == 4
     reset_accelerate_state()
     pretrain(dino(shards, tmp_path / "resumed", *extra, "--resume", "auto"))
