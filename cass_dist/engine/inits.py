@@ -144,7 +144,9 @@ def build_backbone(model_cfg: DownstreamModelSection, branch: str, image_size: i
     if source.kind in BUILTIN_INITS:
         name = model_cfg.cnn if branch == "cnn" else model_cfg.vit
         extra = {**(model_cfg.cnn_kwargs if branch == "cnn" else model_cfg.vit_kwargs), "num_classes": 0}
-        spec = plan_backbone(name, num_classes=0, img_size=image_size, small_stem=model_cfg.small_stem,
+        # model.small_stem is the CNN's: the ViT keeps its automatic (no-op) choice, so --branch both works
+        small_stem = model_cfg.small_stem if branch == "cnn" else None
+        spec = plan_backbone(name, num_classes=0, img_size=image_size, small_stem=small_stem,
                              patch_size=model_cfg.vit_patch_size, extra_kwargs=extra)
         backbone = build_from_spec(spec, pretrained=source.kind == "imagenet")
         spec = spec.to_dict()

@@ -124,3 +124,12 @@ def test_downstream_image_size_is_validated_like_pretraining(shards28, tmp_path,
 def test_evaluate_refuses_resume_where_it_means_nothing(shards28, tmp_path, capsys):
     assert evaluate(common(shards28, tmp_path / "x", "--resume", "auto")) == 2
     assert "run.resume: launch/evaluate.py has no checkpoints to resume" in error_line(capsys, "launch/evaluate.py")
+
+
+def test_small_stem_is_the_cnn_s_and_leaves_the_vit_alone(shards28, tmp_path):
+    # model.small_stem names the CNN's stem; with --branch both the ViT must still build
+    assert finetune(common(shards28, tmp_path / "ft", "--init", "random", "--branch", "both", "--max-steps", "1",
+                           "--batch-size", "16", "--model.small_stem", "true")) == 0
+    branches = json.loads((tmp_path / "ft/best/classifier.json").read_text())["branches"]
+    assert branches["cnn"]["small_stem"] is True
+    assert branches["vit"]["small_stem"] is False
