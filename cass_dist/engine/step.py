@@ -14,9 +14,12 @@ The non-finite guard is decided by all ranks together, once per window:
   finite on this rank" and "this rank was asked to stop", is queued before the last backward, and
   read once after it: one collective and one host sync per window, none per micro-batch.
 - If any rank saw a non-finite loss, every rank skips clipping and ``optimizer.step`` and zeroes the
-  gradients (NaN gradients from the all-reduce included): weights stay equal across ranks. With fp16
-  the GradScaler is neither unscaled nor updated on a skipped window, so its state stays consistent;
-  a finite loss with overflowing gradients is the scaler's to skip, as usual.
+  gradients (NaN gradients from the all-reduce included): weights stay equal across ranks. The
+  buffers the window's forwards updated (BatchNorm running statistics, DINO's centre) are put back
+  as they were: a NaN activation would otherwise stay in the running statistics and make every
+  later evaluation NaN, although no weight changed. With fp16 the GradScaler is neither unscaled nor
+  updated on a skipped window, so its state stays consistent; a finite loss with overflowing
+  gradients is the scaler's to skip, as usual.
 - DeepSpeed steps its engine inside the last backward (Accelerate's wrapper), so there the answer is
   read BEFORE the last backward, which runs only on a good window. DeepSpeed with accumulation is
   refused at launch (``cass_dist.utils.deepspeed.check_launch``): its earlier micro-batches would
@@ -83,10 +86,13 @@ def optimizer_step(accelerator, model, optimizer, window: Sequence[dict], forwar
 
     ``forward(batch)`` returns a dict holding at least a scalar ``loss``. ``stop_requested`` (this
     rank got a stop signal) rides in the window's collective, so ``StepOutcome.stop`` is the all-rank
-    answer at no extra cost. Gradients are always zeroed. Call on every rank with windows of
-    ``run.grad_accum_steps`` micro-batches. Returns the StepOutcome.
+    answer at no extra cost. Gradients are always zeroed; on a skipped window the model's buffers are
+    restored. Call on every rank with windows of ``run.grad_accum_steps`` micro-batches. Returns the
+    StepOutcome.
     """
     steps_in_backward = accelerator.distributed_type == DistributedType.DEEPSPEED
+    buffers = [b for b in model.buffers() if b is not None]
+    saved = [b.detach().clone() for b in buffers]  # a skipped window must leave them as it found them
     nonfinite = torch.zeros(1, device=accelerator.device)
     loss_sum = torch.zeros((), device=accelerator.device)
     out, skip, stop = None, False, False
@@ -111,5 +117,9 @@ def optimizer_step(accelerator, model, optimizer, window: Sequence[dict], forwar
                     if clip_grad:
                         accelerator.clip_grad_norm_(model.parameters(), clip_grad)
                     optimizer.step()
+            else:
+                with torch.no_grad():
+                    for buffer, before in zip(buffers, saved):
+                        buffer.copy_(before)
             optimizer.zero_grad(set_to_none=True)
     return StepOutcome(not skip, loss_sum if not skip else torch.zeros_like(loss_sum), out, stop)

@@ -172,3 +172,27 @@ def test_step_count_follows_max_steps_or_epochs_and_names_the_batch_size_when_to
     assert count_steps(10, grad_accum_steps=2, max_steps=7, epochs=3, split="train") == (7, 5)
     with pytest.raises(ValueError, match=r"data\.batch_size: split 'train' gives 1 batches.*grad_accum_steps=2"):
         count_steps(1, grad_accum_steps=2, max_steps=0, epochs=3, split="train")
+
+
+def test_a_skipped_step_leaves_batchnorm_running_statistics_as_they_were(shards, tmp_path, monkeypatch):
+    # A NaN reaching the activations (an fp16 overflow, a corrupt image) also reaches BatchNorm's running
+    # statistics in the forward; the skip must undo that, or every later eval forward is NaN.
+    real, calls = pretrain_module.build_method, []
+
+    def nan_images_on_call_3(module, args):
+        calls.append(1)
+        return ([view * float("nan") for view in args[0]],) if len(calls) == 3 else None
+
+    def build_method(cfg):
+        model = real(cfg)
+        model.register_forward_pre_hook(nan_images_on_call_3)
+        return model
+
+    monkeypatch.setattr(pretrain_module, "build_method", build_method)
+    summary = pretrain(tiny(shards, tmp_path, "--max-steps", "6", "--knn-every", "6"))  # the defaults' BatchNorm
+    assert summary.steps == 6 and summary.nonfinite_steps == 1 and math.isfinite(summary.final_loss)
+    state = load_file(tmp_path / "checkpoints" / "step-0000006" / "model.safetensors")
+    running = {k: v for k, v in state.items() if k.endswith(("running_mean", "running_var"))}
+    assert running and all(torch.isfinite(v).all() for v in running.values())
+    knn = [r for r in records(tmp_path) if "knn_acc_cnn" in r]
+    assert knn and all(math.isfinite(r["knn_acc_cnn"]) and r["knn_acc_cnn"] > 0 for r in knn)
