@@ -67,6 +67,7 @@ class TrainState:
     # (cass_dist.data.position); a resume on another number of processes goes on from it exactly
     data_position: dict[str, Any] = field(default_factory=dict)
     nonfinite_steps: int = 0  # total steps skipped for a non-finite loss
+    overflow_steps: int = 0  # total steps the fp16 loss scaler skipped (gradients overflowed its scale)
     extra: dict[str, Any] = field(default_factory=dict)  # free space for other loops (fine-tuning: best metric...)
     fingerprint: dict[str, Any] = field(default_factory=dict)  # what gives the position meaning (engine/fingerprint.py)
     config: dict[str, Any] = field(default_factory=dict)  # the run's flat config when saved: changes are logged

@@ -216,9 +216,9 @@ def _train(cfg: FinetuneConfig, run: Run, manifest: Manifest, source: InitSource
                 run.print(f"step {state.global_step}: backbones {'frozen' if classifier.backbones_frozen else 'unfrozen'}")
             factors = lr_factors(cfg, state.global_step, total_steps)
             set_lrs(optimizer, [lr * factors[part] for lr, part in zip(base_lrs, parts)], 1.0)
-            finite, window_loss, _, stop_agreed = optimizer_step(acc, model, optimizer, window, forward,
-                                                                 clip_grad=cfg.run.clip_grad,
-                                                                 stop_requested=run.stop_requested)
+            finite, window_loss, _, stop_agreed, overflow = optimizer_step(
+                acc, model, optimizer, window, forward, clip_grad=cfg.run.clip_grad, stop_requested=run.stop_requested)
+            state.overflow_steps += overflow
             if finite:
                 loss_sum += window_loss
                 loss_count += len(window)
@@ -238,7 +238,9 @@ def _train(cfg: FinetuneConfig, run: Run, manifest: Manifest, source: InitSource
             if state.global_step % cfg.run.log_every == 0 and loss_count:
                 train_loss = float(acc.reduce(loss_sum, "mean")) / loss_count
                 run.log(state.global_step, {"train_loss": train_loss, "lr": optimizer.param_groups[-1]["lr"],
-                                            "epoch": state.epoch, "skipped_samples": skips.check(loader, acc, state.epoch)})
+                                            "epoch": state.epoch, "skipped_samples": skips.check(loader, acc, state.epoch),
+                                            "nonfinite_steps": state.nonfinite_steps,
+                                            "overflow_steps": state.overflow_steps})
                 loss_sum.zero_()
                 loss_count = 0
             last = state.global_step == total_steps

@@ -59,6 +59,7 @@ class PretrainSummary:
     export_dir: str  # empty when the run stopped early (signal): resume it to finish and export
     stopped_by: str  # "" when the run completed, else the signal that stopped it
     method: str = "cass"  # the pretraining method (cfg.method)
+    overflow_steps: int = 0  # fp16 only: steps the loss scaler skipped (a few while it finds its scale are normal)
 
     def describe(self) -> str:
         stds = ", ".join(f"{b} {v:.4f}" for b, v in (("cnn", self.embed_std_cnn), ("vit", self.embed_std_vit))
@@ -66,6 +67,8 @@ class PretrainSummary:
         lines = [f"{self.method}: steps {self.steps}, {self.images_per_sec:.1f} images/s, final loss {self.final_loss:.4f}",
                  f"embedding std {stds or 'not measured'}",
                  f"checkpoint: {self.checkpoint}"]
+        if self.nonfinite_steps or self.overflow_steps:
+            lines.append(f"updates skipped: {self.nonfinite_steps} non-finite loss, {self.overflow_steps} fp16 overflow")
         lines.append(f"export: {self.export_dir}" if self.export_dir else
                      f"stopped by {self.stopped_by}: resume with --resume auto to finish")
         return "\n".join(lines)
@@ -186,9 +189,9 @@ def _train(cfg: PretrainConfig, run: Run, manifest: Manifest, make_loader: Loade
             set_lrs(optimizer, base_lrs,
                     lr_factor(state.global_step, total_steps, cfg.run.warmup_steps, cfg.run.min_lr_ratio))
             # all ranks agree on `finite` and `stop_agreed` in the step's one collective (engine/step.py)
-            finite, loss_sum, out, stop_agreed = optimizer_step(acc, model, optimizer, window, forward,
-                                                                clip_grad=cfg.run.clip_grad,
-                                                                stop_requested=run.stop_requested)
+            finite, loss_sum, out, stop_agreed, overflow = optimizer_step(
+                acc, model, optimizer, window, forward, clip_grad=cfg.run.clip_grad, stop_requested=run.stop_requested)
+            state.overflow_steps += overflow
             if finite:  # a skipped step changed no weight: nothing for the method to follow
                 method.after_step(state.global_step, total_steps)  # DINO: the EMA teacher (by global step)
             window_loss += loss_sum / accum
@@ -224,7 +227,7 @@ def _train(cfg: PretrainConfig, run: Run, manifest: Manifest, make_loader: Loade
                 last_loss = float(acc.reduce(window_loss, "mean")) / max(1, log_steps) if log_steps else float("nan")
                 metrics = {"loss": last_loss, "images_per_sec": log_images / elapsed,
                            "data_wait_frac": data_time / elapsed, "epoch": state.epoch,
-                           "nonfinite_steps": state.nonfinite_steps,
+                           "nonfinite_steps": state.nonfinite_steps, "overflow_steps": state.overflow_steps,
                            "skipped_samples": skips.check(loader, acc, state.epoch)}
                 metrics.update({k: float(v) for k, v in out.items()
                                 if k != "loss" and not k.startswith("z_") and (isinstance(v, float) or torch.is_tensor(v) and v.numel() == 1)})
@@ -276,7 +279,7 @@ def _train(cfg: PretrainConfig, run: Run, manifest: Manifest, make_loader: Loade
         steps=state.global_step, images_per_sec=images_seen / max(train_time, 1e-9), final_loss=last_loss,
         embed_std_cnn=stats.get("cnn", {}).get("std", float("nan")),
         embed_std_vit=stats.get("vit", {}).get("std", float("nan")),
-        nonfinite_steps=state.nonfinite_steps, checkpoint=checkpoint,
+        nonfinite_steps=state.nonfinite_steps, overflow_steps=state.overflow_steps, checkpoint=checkpoint,
         skipped_samples=skips.check(loader, acc, state.epoch),
         export_dir=export_dir, stopped_by=(run.stop_signal or "peer") if stopping else "", method=cfg.method)
     if run.is_main:

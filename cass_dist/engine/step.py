@@ -19,7 +19,8 @@ The non-finite guard is decided by all ranks together, once per window:
   as they were: a NaN activation would otherwise stay in the running statistics and make every
   later evaluation NaN, although no weight changed. With fp16 the GradScaler is neither unscaled nor
   updated on a skipped window, so its state stays consistent; a finite loss with overflowing
-  gradients is the scaler's to skip, as usual.
+  gradients is the scaler's to skip, as usual, and ``StepOutcome.overflow`` says so (the loops count
+  these apart from the non-finite steps: a scaler finding its scale skips a few steps by design).
 - DeepSpeed steps its engine inside the last backward (Accelerate's wrapper), so there the answer is
   read BEFORE the last backward, which runs only on a good window. DeepSpeed with accumulation is
   refused at launch (``cass_dist.utils.deepspeed.check_launch``): its earlier micro-batches would
@@ -77,6 +78,7 @@ class StepOutcome(NamedTuple):
     loss_sum: torch.Tensor  # this rank's sum of the window's micro-batch losses (detached); 0 when skipped
     out: dict | None  # the last forward's dict
     stop: bool  # some rank passed stop_requested=True
+    overflow: bool = False  # taken, but the fp16 loss scaler skipped the update (gradients overflowed its scale)
 
 
 def optimizer_step(accelerator, model, optimizer, window: Sequence[dict], forward: Callable[[dict], dict],
@@ -95,7 +97,7 @@ def optimizer_step(accelerator, model, optimizer, window: Sequence[dict], forwar
     saved = [b.detach().clone() for b in buffers]  # a skipped window must leave them as it found them
     nonfinite = torch.zeros(1, device=accelerator.device)
     loss_sum = torch.zeros((), device=accelerator.device)
-    out, skip, stop = None, False, False
+    out, skip, stop, overflow = None, False, False, False
     for batch in window:
         with accelerator.accumulate(model):
             out = forward(batch)
@@ -117,9 +119,11 @@ def optimizer_step(accelerator, model, optimizer, window: Sequence[dict], forwar
                     if clip_grad:
                         accelerator.clip_grad_norm_(model.parameters(), clip_grad)
                     optimizer.step()
+                # Accelerate's wrappers (GradScaler, DeepSpeed's loss scaler) know it host-side: no sync
+                overflow = bool(getattr(optimizer, "step_was_skipped", False))
             else:
                 with torch.no_grad():
                     for buffer, before in zip(buffers, saved):
                         buffer.copy_(before)
             optimizer.zero_grad(set_to_none=True)
-    return StepOutcome(not skip, loss_sum if not skip else torch.zeros_like(loss_sum), out, stop)
+    return StepOutcome(not skip, loss_sum if not skip else torch.zeros_like(loss_sum), out, stop, overflow)

@@ -147,6 +147,7 @@ def guard_steps(rank: int, world: int, poison: dict, with_scaler: bool) -> list[
         outcome = optimizer_step(acc, model, optimizer, window, forward, clip_grad=1.0,
                                  stop_requested=rank == 0 and w == 3)
         records.append({"finite": outcome.finite, "stop": outcome.stop, "loss_sum": float(outcome.loss_sum),
+                        "overflow": outcome.overflow,
                         "params": [p.detach().clone() for p in model.parameters()],
                         "reductions": len(reductions),
                         "scale": acc.scaler.get_scale() if with_scaler else None})

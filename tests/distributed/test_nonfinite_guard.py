@@ -36,6 +36,7 @@ def test_every_rank_skips_a_window_in_which_one_rank_saw_a_nan(ranks):
     for records in ranks:
         assert [r["finite"] for r in records] == [True, False, False, True, True]
         assert [r["loss_sum"] == 0 for r in records] == [False, True, True, False, False]
+        assert not any(r["overflow"] for r in records)  # no loss scaler here
     for w in range(workers.WINDOWS):  # weights equal on both ranks after every window
         for a, b in zip(ranks[0][w]["params"], ranks[1][w]["params"]):
             assert torch.equal(a, b), w
@@ -66,6 +67,7 @@ def test_fp16_grad_scaler_stays_consistent_across_skipped_and_overflowing_window
     for rank in records:
         assert [r["finite"] for r in rank] == [True, False, False, True, True]
         assert [r["scale"] for r in rank] == [1024.0, 1024.0, 1024.0, 1024.0, 512.0]
+        assert [r["overflow"] for r in rank] == [False, False, False, False, True]  # the scaler's skip, told apart
         assert all(torch.equal(a, b) for a, b in zip(rank[3]["params"], rank[4]["params"]))
     for got, expected in zip(records[0][4]["params"], reference([0, 3])):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

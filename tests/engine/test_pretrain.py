@@ -196,3 +196,20 @@ def test_a_skipped_step_leaves_batchnorm_running_statistics_as_they_were(shards,
     assert running and all(torch.isfinite(v).all() for v in running.values())
     knn = [r for r in records(tmp_path) if "knn_acc_cnn" in r]
     assert knn and all(math.isfinite(r["knn_acc_cnn"]) and r["knn_acc_cnn"] > 0 for r in knn)
+
+
+def test_loss_scaler_skips_are_counted_apart_from_non_finite_steps(shards, tmp_path, monkeypatch):
+    # CPU runs have no GradScaler, so the step reports the scaler's skip here; that optimizer_step reads
+    # it from a real GradScaler is shown in tests/distributed/test_nonfinite_guard.py (fp16 case).
+    real, calls = pretrain_module.optimizer_step, []
+
+    def step_with_overflow_at_call_2(*args, **kwargs):
+        calls.append(1)
+        outcome = real(*args, **kwargs)
+        return outcome._replace(overflow=True) if len(calls) == 2 else outcome
+
+    monkeypatch.setattr(pretrain_module, "optimizer_step", step_with_overflow_at_call_2)
+    summary = pretrain(tiny(shards, tmp_path, "--max-steps", "4"))
+    assert summary.overflow_steps == 1 and summary.nonfinite_steps == 0
+    assert [r["overflow_steps"] for r in records(tmp_path) if "loss" in r] == [1, 1]
+    assert "1 fp16 overflow" in summary.describe()
