@@ -78,7 +78,7 @@ class StepOutcome(NamedTuple):
     loss_sum: torch.Tensor  # this rank's sum of the window's micro-batch losses (detached); 0 when skipped
     out: dict | None  # the last forward's dict
     stop: bool  # some rank passed stop_requested=True
-    overflow: bool = False  # taken, but the fp16 loss scaler skipped the update (gradients overflowed its scale)
+    overflow: bool  # taken, but the fp16 loss scaler skipped the update (gradients overflowed its scale)
 
 
 def optimizer_step(accelerator, model, optimizer, window: Sequence[dict], forward: Callable[[dict], dict],
@@ -93,7 +93,7 @@ def optimizer_step(accelerator, model, optimizer, window: Sequence[dict], forwar
     StepOutcome.
     """
     steps_in_backward = accelerator.distributed_type == DistributedType.DEEPSPEED
-    buffers = [b for b in model.buffers() if b is not None]
+    buffers = list(model.buffers())
     saved = [b.detach().clone() for b in buffers]  # a skipped window must leave them as it found them
     nonfinite = torch.zeros(1, device=accelerator.device)
     loss_sum = torch.zeros((), device=accelerator.device)

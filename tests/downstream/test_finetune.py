@@ -147,3 +147,24 @@ def test_frozen_backbone_steps_train_only_the_head_then_everything(syn_shards, t
     assert not all(torch.equal(p, exported[name]) for name, p in tuned.backbones["cnn"].named_parameters())
     with pytest.raises(ConfigError, match="optim.freeze_backbone_steps"):
         parse_finetune_config(finetune_args(syn_shards, "unused", "--freeze-backbone-steps", "-1"))
+
+
+def test_loss_scaler_skips_are_counted_and_kept_in_the_train_state(syn_shards, tmp_path, monkeypatch):
+    # CPU has no GradScaler: the step reports the scaler's skip here (the real GradScaler case is
+    # tests/distributed/test_nonfinite_guard.py); what this checks is the fine-tuning loop's count.
+    from cass_dist.engine import finetune as finetune_module
+    from cass_dist.engine.checkpoint import find_latest, read_train_state
+
+    real, calls = finetune_module.optimizer_step, []
+
+    def step_with_overflow_at_call_2(*args, **kwargs):
+        calls.append(1)
+        outcome = real(*args, **kwargs)
+        return outcome._replace(overflow=True) if len(calls) == 2 else outcome
+
+    monkeypatch.setattr(finetune_module, "optimizer_step", step_with_overflow_at_call_2)
+    finetune(parse_finetune_config(finetune_args(syn_shards, tmp_path, "--max-steps", "3")))
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["overflow_steps"] for r in logged if "train_loss" in r] == [0, 1, 1]
+    assert all(r["nonfinite_steps"] == 0 for r in logged if "train_loss" in r)
+    assert read_train_state(find_latest(tmp_path / "checkpoints")).overflow_steps == 1
