@@ -30,21 +30,25 @@ import os
 import shlex
 import shutil
 import statistics
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from cass_dist.configs.finetune import DownstreamModelSection, parse_finetune_config
-from cass_dist.configs.pretrain import parse_pretrain_config
-from cass_dist.data import build_loader
-from cass_dist.data.manifest import MANIFEST_NAME, write_json_atomic
-from cass_dist.engine.classifier import build_backbone
-from cass_dist.engine.finetune import finetune
-from cass_dist.engine.pretrain import pretrain
-from cass_dist.engine.probe import extract_features, knn_predict, linear_probe, probe_probabilities
-from cass_dist.metrics import compute_metrics
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the table helpers live beside this file
+from cass_vs_baselines_tables import chosen_on_val, mean_std, paired  # noqa: E402
+
+from cass_dist.configs.finetune import DownstreamModelSection, parse_finetune_config  # noqa: E402
+from cass_dist.configs.pretrain import parse_pretrain_config  # noqa: E402
+from cass_dist.data import build_loader  # noqa: E402
+from cass_dist.data.manifest import MANIFEST_NAME, write_json_atomic  # noqa: E402
+from cass_dist.engine.classifier import build_backbone  # noqa: E402
+from cass_dist.engine.finetune import finetune  # noqa: E402
+from cass_dist.engine.pretrain import pretrain  # noqa: E402
+from cass_dist.engine.probe import extract_features, knn_predict, linear_probe, probe_probabilities  # noqa: E402
+from cass_dist.metrics import compute_metrics  # noqa: E402
 
 INITS = ("random", "cass", "paper")  # cass = the default objective
 METRICS = ("accuracy", "f1_macro", "auroc_macro", "balanced_accuracy")
@@ -251,51 +255,76 @@ def _setting_name(lr: float, layer_decay: float) -> str:
 
 
 # ----------------------------------------------------------------------------- the table
-def _mean_std(values: list[float]) -> str:
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    if not values:
-        return "-"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.fmean(values):.1f} ± {100 * std:.1f}"
+NAMES = {"random": "random init", "cass": "CASS (default objective)", "paper": "CASS (paper objective)"}
 
 
 def _finetune_row(label: str, branch: str, lr: str, rows: list[dict]) -> str:
-    cells = [_mean_std([r["test"][m] for r in rows]) for m in ("accuracy", "f1_macro", "auroc_macro")]
-    return f"| {label} | {branch} | {lr} | " + " | ".join(cells) + f" | {_mean_std([r['val']['f1_macro'] for r in rows])} | {len(rows)} |"
+    cells = [mean_std([r["test"][m] for r in rows]) for m in ("accuracy", "f1_macro", "auroc_macro")]
+    return f"| {label} | {branch} | {lr} | " + " | ".join(cells) + f" | {mean_std([r['val']['f1_macro'] for r in rows])} | {len(rows)} |"
+
+
+def _finetune_runs(results: dict, init: str, branch: str, seeds: list[int], settings: list[str]) -> dict[int, dict]:
+    """Per seed, the fine-tuning runs recorded for each setting: ``{seed: {setting: run}}``."""
+    return {s: {name: results[k] for name in settings if (k := f"finetune/{init}/{branch}/seed{s}/{name}") in results}
+            for s in seeds}
+
+
+def _chosen(runs: dict[int, dict], settings: list[str]) -> dict[int, tuple[str, dict]]:
+    """Per seed whose grid is complete, the setting its best checkpoint's validation F1 (then AUROC) picks."""
+    return {s: chosen_on_val(by_setting) for s, by_setting in runs.items() if len(by_setting) == len(settings)}
+
+
+def _paired_rows(results: dict, seeds: list[int], settings: list[str], branches: list[str]) -> list[str]:
+    """Each pretrained init minus random init on the same seed and branch: probes, and fine-tuning chosen on val."""
+    def probe(init, branch, name):
+        return {s: results[k][branch][name]["accuracy"] for s in seeds
+                if (k := f"probe/{init}/seed{s}") in results and branch in results[k]}
+
+    def tuned(init, branch, metric):
+        return {s: run["test"][metric] for s, (_, run) in
+                _chosen(_finetune_runs(results, init, branch, seeds, settings), settings).items()}
+
+    lines = ["| paired by seed | branch | kNN acc | linear acc | fine-tuned acc (setting val picks) "
+             "| fine-tuned AUROC |", "|---|---|---|---|---|---|"]
+    for init in ("cass", "paper"):
+        for branch in branches:
+            cells = [paired(probe(init, branch, p), probe("random", branch, p)) for p in ("knn", "linear")]
+            cells += [paired(tuned(init, branch, m), tuned("random", branch, m)) for m in ("accuracy", "auroc_macro")]
+            if any(c != "-" for c in cells):
+                lines.append(f"| {NAMES[init]} minus random init | {branch} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def table(results: dict, seeds: list[int], fraction: float, settings: list[str], branches: list[str]) -> str:
-    """Return the markdown table: test accuracy / macro F1 (%), mean ± std over seeds."""
+    """Return the markdown tables: test metrics (%), mean ± std over seeds, then paired differences."""
     lines = ["| features / init | probe | CNN acc | CNN F1 | ViT acc | ViT F1 | seeds |", "|---|---|---|---|---|---|---|"]
     if "pixels" in results:
         for probe in ("knn", "linear"):
             p = results["pixels"][probe]
             lines.append(f"| raw pixels | {probe} | {100 * p['accuracy']:.1f} | {100 * p['f1_macro']:.1f} | - | - | - |")
-    names = {"random": "random init", "cass": "CASS (default objective)", "paper": "CASS (paper objective)"}
-    for init, label in names.items():
+    for init, label in NAMES.items():
         runs = [results[f"probe/{init}/seed{s}"] for s in seeds if f"probe/{init}/seed{s}" in results]
         if not runs:
             continue
         for probe in ("knn", "linear"):
-            cells = [_mean_std([r[b][probe][m] for r in runs]) for b in ("cnn", "vit") for m in ("accuracy", "f1_macro")]
+            cells = [mean_std([r[b][probe][m] for r in runs]) for b in ("cnn", "vit") for m in ("accuracy", "f1_macro")]
             lines.append(f"| {label} | {probe} | " + " | ".join(cells) + f" | {len(runs)} |")
     lines += ["", f"| fine-tuning ({fraction:g} of the labels) | branch | setting | test acc | test F1 | test AUROC "
               "| val F1 | seeds |", "|---|---|---|---|---|---|---|---|"]
     for branch in branches:
-        for init, label in names.items():
-            runs = {s: {name: results[k] for name in settings
-                        if (k := f"finetune/{init}/{branch}/seed{s}/{name}") in results} for s in seeds}
+        for init, label in NAMES.items():
+            runs = _finetune_runs(results, init, branch, seeds, settings)
             for name in settings:
                 rows = [runs[s][name] for s in seeds if name in runs[s]]
                 if rows:
                     lines.append(_finetune_row(label, branch, name, rows))
-            # what a user can do: per seed, the setting whose best checkpoint scores highest on val
-            chosen = {s: max(runs[s], key=lambda n: (runs[s][n]["val"]["f1_macro"], runs[s][n]["val"]["auroc_macro"]))
-                      for s in seeds if len(runs[s]) == len(settings)}
+            chosen = _chosen(runs, settings)  # what a user can do: pick on val, never on test
             if chosen and len(settings) > 1:
-                picked = ", ".join(chosen.values())
+                picked = ", ".join(name for name, _ in chosen.values())
                 lines.append(_finetune_row(f"**{label}**", branch, f"**chosen on val** ({picked})",
-                                           [runs[s][n] for s, n in chosen.items()]))
+                                           [run for _, run in chosen.values()]))
+    lines += ["", "Paired differences, points, mean ± std over seeds (seeds the pretrained init is ahead):", ""]
+    lines += _paired_rows(results, seeds, settings, branches)
     lines += ["", "| pretraining | final loss | embedding std x sqrt(D), CNN | ViT | seeds |", "|---|---|---|---|---|"]
     for objective in ("default", "paper"):
         runs = [results[f"pretrain/{objective}/seed{s}"] for s in seeds if f"pretrain/{objective}/seed{s}" in results]

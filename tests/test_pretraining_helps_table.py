@@ -45,3 +45,37 @@ def test_settings_cross_lrs_with_layer_decays():
     bench = load_benchmark()
     args = bench.parse_args(["--ft-lrs", "1e-3", "3e-3", "--ft-layer-decays", "1", "0.75"])
     assert bench._settings(args) == [(1e-3, 1.0), (3e-3, 1.0), (1e-3, 0.75), (3e-3, 0.75)]
+
+
+def probes(cnn_knn: float, vit_knn: float) -> dict:
+    def scores(acc):
+        return {"accuracy": acc, "f1_macro": acc, "auroc_macro": acc, "balanced_accuracy": acc}
+    return {"cnn": {"knn": scores(cnn_knn), "linear": scores(0.5)}, "vit": {"knn": scores(vit_knn), "linear": scores(0.5)}}
+
+
+def test_paired_differences_pair_seeds_and_use_the_setting_val_picks():
+    bench = load_benchmark()
+    settings = ["lr0.001", "lr0.003"]
+    results = {
+        "probe/cass/seed0": probes(0.85, 0.90), "probe/random/seed0": probes(0.80, 0.70),
+        "probe/cass/seed1": probes(0.80, 0.90), "probe/random/seed1": probes(0.82, 0.70),
+        "probe/cass/seed2": probes(0.99, 0.99),  # no random init at seed 2: not paired
+        # per seed, val picks one lr; the other has the better test score
+        "finetune/cass/cnn/seed0/lr0.001": run(val_f1=0.9, test_acc=0.80),
+        "finetune/cass/cnn/seed0/lr0.003": run(val_f1=0.8, test_acc=0.99),
+        "finetune/cass/cnn/seed1/lr0.001": run(val_f1=0.7, test_acc=0.99),
+        "finetune/cass/cnn/seed1/lr0.003": run(val_f1=0.8, test_acc=0.90),
+        "finetune/random/cnn/seed0/lr0.001": run(val_f1=0.5, test_acc=0.99),
+        "finetune/random/cnn/seed0/lr0.003": run(val_f1=0.6, test_acc=0.75),
+        "finetune/random/cnn/seed1/lr0.001": run(val_f1=0.9, test_acc=0.95),
+        "finetune/random/cnn/seed1/lr0.003": run(val_f1=0.1, test_acc=0.10),
+        "finetune/random/cnn/seed2/lr0.001": run(val_f1=0.9, test_acc=0.10),  # grid incomplete: not chosen
+    }
+    lines = bench.table(results, [0, 1, 2], 0.1, settings, ["cnn", "vit"]).splitlines()
+    cnn = next(line for line in lines if line.startswith("| CASS (default objective) minus random init | cnn | "))
+    vit = next(line for line in lines if line.startswith("| CASS (default objective) minus random init | vit | "))
+    # kNN: +5 and -2 points; linear: level; fine-tuned: 0.80 - 0.75 and 0.90 - 0.95
+    assert cnn.split(" | ")[2:] == ["+1.5 ± 4.9 (1/2)", "+0.0 ± 0.0 (0/2)", "+0.0 ± 7.1 (1/2)", "+0.0 ± 7.1 (1/2) |"]
+    assert vit.split(" | ")[2:4] == ["+20.0 ± 0.0 (2/2)", "+0.0 ± 0.0 (0/2)"]
+    assert vit.endswith("| - | - |")  # no ViT fine-tuning recorded
+    assert not any(line.startswith("| CASS (paper objective) minus") for line in lines)  # nothing recorded for it
