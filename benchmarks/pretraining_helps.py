@@ -285,11 +285,11 @@ def _paired_rows(results: dict, seeds: list[int], settings: list[str], branches:
                 _chosen(_finetune_runs(results, init, branch, seeds, settings), settings).items()}
 
     lines = ["| paired by seed | branch | kNN acc | linear acc | fine-tuned acc (setting val picks) "
-             "| fine-tuned AUROC |", "|---|---|---|---|---|---|"]
+             "| fine-tuned F1 | fine-tuned AUROC |", "|---|---|---|---|---|---|---|"]
     for init in ("cass", "paper"):
         for branch in branches:
             cells = [paired(probe(init, branch, p), probe("random", branch, p)) for p in ("knn", "linear")]
-            cells += [paired(tuned(init, branch, m), tuned("random", branch, m)) for m in ("accuracy", "auroc_macro")]
+            cells += [paired(tuned(init, branch, m), tuned("random", branch, m)) for m in ("accuracy", "f1_macro", "auroc_macro")]
             if any(c != "-" for c in cells):
                 lines.append(f"| {NAMES[init]} minus random init | {branch} | " + " | ".join(cells) + " |")
     return lines
