@@ -15,8 +15,12 @@ def load_benchmark():
     return module
 
 
+def scores(value: float) -> dict:
+    return {"accuracy": value, "f1_macro": value, "auroc_macro": value, "balanced_accuracy": value}
+
+
 def run(val_f1: float, test_acc: float) -> dict:
-    metrics = {"accuracy": test_acc, "f1_macro": test_acc, "auroc_macro": test_acc, "balanced_accuracy": test_acc}
+    metrics = scores(test_acc)
     return {"val": {**metrics, "f1_macro": val_f1, "auroc_macro": 0.5}, "test": metrics, "best_step": 1, "steps": 2}
 
 
@@ -48,8 +52,6 @@ def test_settings_cross_lrs_with_layer_decays():
 
 
 def probes(cnn_knn: float, vit_knn: float) -> dict:
-    def scores(acc):
-        return {"accuracy": acc, "f1_macro": acc, "auroc_macro": acc, "balanced_accuracy": acc}
     return {"cnn": {"knn": scores(cnn_knn), "linear": scores(0.5)}, "vit": {"knn": scores(vit_knn), "linear": scores(0.5)}}
 
 

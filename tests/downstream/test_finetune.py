@@ -17,6 +17,7 @@ from cass_dist.data.splits import select_label_fraction
 from cass_dist.engine.classifier import build_backbone, load_classifier
 from cass_dist.engine.finetune import build_train_loader, finetune
 from cass_dist.models import BackboneError, WeightsUnavailableError
+from tests._steps import overflow_at_call
 
 
 def finetune_args(shards, out, *extra: str) -> list[str]:
@@ -155,14 +156,7 @@ def test_loss_scaler_skips_are_counted_and_kept_in_the_train_state(syn_shards, t
     from cass_dist.engine import finetune as finetune_module
     from cass_dist.engine.checkpoint import find_latest, read_train_state
 
-    real, calls = finetune_module.optimizer_step, []
-
-    def step_with_overflow_at_call_2(*args, **kwargs):
-        calls.append(1)
-        outcome = real(*args, **kwargs)
-        return outcome._replace(overflow=True) if len(calls) == 2 else outcome
-
-    monkeypatch.setattr(finetune_module, "optimizer_step", step_with_overflow_at_call_2)
+    monkeypatch.setattr(finetune_module, "optimizer_step", overflow_at_call(finetune_module.optimizer_step, 2))
     finetune(parse_finetune_config(finetune_args(syn_shards, tmp_path, "--max-steps", "3")))
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["overflow_steps"] for r in logged if "train_loss" in r] == [0, 1, 1]

@@ -17,6 +17,7 @@ from cass_dist.engine.step import count_steps, lr_factor
 from cass_dist.methods import cass as cass_method_module
 from cass_dist.models import load_backbone
 from tests._accelerate import reset_accelerate_state
+from tests._steps import overflow_at_call
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # each test trains in-process
 
@@ -201,14 +202,7 @@ def test_a_skipped_step_leaves_batchnorm_running_statistics_as_they_were(shards,
 def test_loss_scaler_skips_are_counted_apart_from_non_finite_steps(shards, tmp_path, monkeypatch):
     # CPU runs have no GradScaler, so the step reports the scaler's skip here; that optimizer_step reads
     # it from a real GradScaler is shown in tests/distributed/test_nonfinite_guard.py (fp16 case).
-    real, calls = pretrain_module.optimizer_step, []
-
-    def step_with_overflow_at_call_2(*args, **kwargs):
-        calls.append(1)
-        outcome = real(*args, **kwargs)
-        return outcome._replace(overflow=True) if len(calls) == 2 else outcome
-
-    monkeypatch.setattr(pretrain_module, "optimizer_step", step_with_overflow_at_call_2)
+    monkeypatch.setattr(pretrain_module, "optimizer_step", overflow_at_call(pretrain_module.optimizer_step, 2))
     summary = pretrain(tiny(shards, tmp_path, "--max-steps", "4"))
     assert summary.overflow_steps == 1 and summary.nonfinite_steps == 0
     assert [r["overflow_steps"] for r in records(tmp_path) if "loss" in r] == [1, 1]
