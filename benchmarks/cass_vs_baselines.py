@@ -33,6 +33,7 @@ import sys
 import time
 from argparse import Namespace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -40,16 +41,47 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared benchmark
 from cass_vs_baselines_tables import CONTENDERS, PRETRAINED, all_tables, equal_time_steps  # noqa: E402
 from pretraining_helps import METRICS, Bench  # noqa: E402
 
-from cass_dist.configs.finetune import parse_finetune_config  # noqa: E402
+from cass_dist.configs.finetune import DownstreamModelSection, parse_finetune_config  # noqa: E402
 from cass_dist.configs.pretrain import parse_pretrain_config  # noqa: E402
 from cass_dist.engine.classifier import build_backbone  # noqa: E402
 from cass_dist.engine.finetune import finetune  # noqa: E402
 from cass_dist.engine.pretrain import pretrain  # noqa: E402
 
-DATASETS = {  # name -> (cass-shards arguments before --out, image size)
-    "pneumoniamnist": (["medmnist", "pneumoniamnist", "--root", "../shared/data/pneumoniamnist"], 28),
-    "breastmnist": (["medmnist", "breastmnist", "--root", "../shared/data/breastmnist"], 28),
-    "brain_mri": (["folder", "../shared/data/brain_tumor_mri", "--resize", "64", "--mode", "L", "--dedupe"], 64),
+DATA_ROOT = Path(os.environ.get("CASS_SHARED_DATA", "../shared/data"))  # a GPU machine gets the data elsewhere
+
+
+def datasets(image_size: int | None = None) -> dict[str, tuple[list[str], int]]:
+    """name -> (cass-shards arguments before --out, image size); ``image_size`` resizes the brain MRI folder."""
+    mri = image_size or 64
+    return {
+        "pneumoniamnist": (["medmnist", "pneumoniamnist", "--root", str(DATA_ROOT / "pneumoniamnist")], 28),
+        "breastmnist": (["medmnist", "breastmnist", "--root", str(DATA_ROOT / "breastmnist")], 28),
+        "brain_mri": (["folder", str(DATA_ROOT / "brain_tumor_mri"), "--resize", str(mri), "--mode", "L", "--dedupe"],
+                      mri),
+    }
+
+
+DATASETS = list(datasets())
+
+
+class Scale(NamedTuple):
+    """The models every contender shares, and the precision they train in."""
+
+    cnn: str
+    vit: str
+    image_size: int | None  # None: each dataset's own (28 px MedMNIST, 64 px brain MRI)
+    patch: int | None  # None: image / 4, 16 tokens
+    stem: str | None  # None: --stem decides
+    precision: str  # of pretraining and fine-tuning: fp32 on CPU keeps timings comparable; auto = bf16 on a GPU
+    datasets: tuple[str, ...]
+    pretrain_flags: tuple[str, ...] = ()
+
+
+SCALES = {
+    "small": Scale("resnet18", "vit_tiny_patch16_224", None, None, None, "fp32", tuple(DATASETS)),
+    # issue 14 item 6: the paper's model sizes at 224 px, ImageNet-free, on a GPU (docs/methods.md)
+    "paper": Scale("resnet50", "vit_base_patch16_224", 224, 16, "timm", "auto", ("brain_mri",),
+                   pretrain_flags=("--model.channels_last", "true")),  # the demo preset's CPU setting is off
 }
 FLAGS = {"cass": [], "cass-paper": ["--objective", "paper", "--head", "linear", "--views", "1"],
          "dino-vit": ["--method", "dino", "--dino.backbone", "vit"],
@@ -59,8 +91,11 @@ QUICK = dict(datasets=["breastmnist"], seeds=[0], steps=6, ft_steps=4, ft_fracti
 
 def parse_args(argv=None) -> Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
-    p.add_argument("--work", default="runs/benchmarks/cass_vs_baselines", help="one folder per dataset inside")
+    p.add_argument("--datasets", nargs="+", choices=DATASETS, help="default: every dataset of --scale")
+    p.add_argument("--scale", choices=list(SCALES), default="small",
+                   help="small: resnet18 + vit_tiny in fp32 (a CPU); paper: resnet50 + vit_base_patch16_224 "
+                        "at 224 px, timm stem, bf16 where the GPU has it (brain MRI only)")
+    p.add_argument("--work", help="one folder per dataset inside; default runs/benchmarks/cass_vs_baselines[-paper]")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--contenders", nargs="+", default=list(PRETRAINED), choices=list(PRETRAINED),
                    help="pretrained contenders; supervised (random init) and raw pixels always run")
@@ -79,10 +114,21 @@ def parse_args(argv=None) -> Namespace:
     p.add_argument("--quick", action="store_true", help=f"tiny scale, for the plumbing: {QUICK}")
     p.add_argument("--table", action="store_true", help="only print the tables of the results so far")
     args = p.parse_args(argv)
+    scale = SCALES[args.scale]
     if args.quick:
         for key, value in QUICK.items():
             setattr(args, key, value)
-        args.work = str(Path(args.work).with_name(Path(args.work).name + "-quick"))
+        if args.scale != "small":
+            args.datasets = list(scale.datasets)
+    if args.datasets is None:
+        args.datasets = list(scale.datasets)
+    if not set(args.datasets) <= set(scale.datasets):
+        p.error(f"--datasets: --scale {args.scale} runs on {', '.join(scale.datasets)}, not {' '.join(args.datasets)}")
+    if scale.stem:
+        args.stem = scale.stem
+    if args.work is None:
+        args.work = "runs/benchmarks/cass_vs_baselines" + ("" if args.scale == "small" else f"-{args.scale}")
+        args.work += "-quick" if args.quick else ""
     return args
 
 
@@ -90,11 +136,22 @@ class Study(Bench):
     """One dataset: pretraining runs, probes and fine-tunes of every contender, in one results store."""
 
     def __init__(self, args: Namespace, dataset: str):
-        self.source, image_size = DATASETS[dataset]
+        self.scale = SCALES[args.scale]
+        self.source, image_size = datasets(self.scale.image_size)[dataset]
         super().__init__(Namespace(dataset=dataset, root=None, work=str(Path(args.work) / dataset),
-                                   image_size=image_size, patch=image_size // 4, probe_fraction=args.probe_fraction,
-                                   small_stem=args.stem == "small"))
+                                   image_size=image_size, patch=self.scale.patch or image_size // 4,
+                                   probe_fraction=args.probe_fraction, small_stem=args.stem == "small"))
         self.opts = args
+
+    def model_section(self, init: str) -> DownstreamModelSection:
+        return DownstreamModelSection(init=init, cnn=self.scale.cnn, vit=self.scale.vit,
+                                      vit_kwargs={"img_size": self.args.image_size, "patch_size": self.args.patch},
+                                      small_stem=self.args.small_stem)
+
+    def model_flags(self, prefix: str) -> list[str]:
+        """The scale's models and precision, as flags of ``launch/pretrain.py`` or ``launch/finetune.py``."""
+        return [f"--{prefix}cnn", self.scale.cnn, f"--{prefix}vit", self.scale.vit,
+                "--precision", self.scale.precision, *self.stem_flags()]
 
     def make_shards(self) -> None:
         from cass_dist.data.__main__ import main as cass_shards
@@ -115,6 +172,14 @@ class Study(Bench):
         cass, other = (self.results[f"pretrain/steps/{c}/seed{seed}"] for c in ("cass", contender))
         return equal_time_steps(self.opts.steps, cass["seconds_per_step"], other["seconds_per_step"])
 
+    def pretrain_argv(self, contender: str, steps: int, seed: int, out: Path) -> list[str]:
+        a = self.args
+        return ["--preset", "demo", "--data", str(self.shards), "--image-size", str(a.image_size),
+                "--model.vit_patch_size", str(a.patch), "--max-steps", str(steps), "--batch-size",
+                str(self.opts.batch_size), "--save-every", "0", "--knn-every", "0", "--seed", str(seed),
+                "--output-dir", str(out), "--resume", "auto", *self.model_flags(""), *self.scale.pretrain_flags,
+                *FLAGS[contender]]
+
     def pretrain(self, contender: str, budget: str, seed: int) -> Path:
         """Return the run dir of the pretraining (made if missing; runs of equal step counts are shared)."""
         key = f"pretrain/{budget}/{contender}/seed{seed}"
@@ -122,13 +187,8 @@ class Study(Bench):
         out = self.work / "pretrain" / f"{contender}-seed{seed}-{steps}steps"
         if self.done(key):
             return out
-        a = self.args
-        argv = ["--preset", "demo", "--data", str(self.shards), "--image-size", str(a.image_size),
-                "--model.vit_patch_size", str(a.patch), "--max-steps", str(steps), "--batch-size",
-                str(self.opts.batch_size), "--save-every", "0", "--knn-every", "0", "--seed", str(seed),
-                "--output-dir", str(out), "--resume", "auto", *self.stem_flags(), *FLAGS[contender]]
         if not ((out / "summary.json").is_file() and (out / "export" / "model.json").is_file()):
-            pretrain(parse_pretrain_config(argv))  # an interrupted run resumes from its checkpoint
+            pretrain(parse_pretrain_config(self.pretrain_argv(contender, steps, seed, out)))  # resumes if interrupted
             # the study uses the export; the resumable state (~250 MB a run) is dead once the run is complete
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
         summary = json.loads((out / "summary.json").read_text())
@@ -156,24 +216,28 @@ class Study(Bench):
         key = f"finetune/{budget}/{contender}/{branch}/f{fraction:g}/seed{seed}/lr{lr:g}"
         if self.done(key):
             return
-        a, o = self.args, self.opts
         init = "random" if contender == "supervised" else str(self.pretrain(contender, budget, seed))
-        out = self.work / "finetune" / key.replace("/", "-")
         labelled = self.loader("train", fraction).num_samples
-        argv = ["--data", str(self.shards), "--init", init, "--branch", branch,
-                "--model.vit_kwargs", json.dumps({"img_size": a.image_size, "patch_size": a.patch}),
-                "--label-fraction", str(fraction), "--image-size", str(a.image_size),
-                "--batch-size", str(min(32, labelled)), "--lr", f"{lr:.10f}", "--precision", "fp32",
-                "--seed", str(seed), "--output-dir", str(out), "--resume", "auto", *self.stem_flags()]
-        if o.ft_steps:
-            argv += ["--max-steps", str(o.ft_steps), "--eval-every", str(max(1, o.ft_steps // 10)), "--patience", "5"]
+        out = self.work / "finetune" / key.replace("/", "-")
         started = time.perf_counter()
-        result = finetune(parse_finetune_config(argv))
+        result = finetune(parse_finetune_config(self.finetune_argv(init, branch, fraction, labelled, seed, lr, out)))
         self.record(key, {split: {m: result[split][m] for m in METRICS} for split in ("val", "test")}
                     | {"best_step": result["best_step"], "steps": result["steps"], "labelled": labelled,
                        "seconds": time.perf_counter() - started})
         for dead in ("checkpoints", "best"):  # weights, dead once recorded: 1,134 runs would fill ~50 GB
             shutil.rmtree(out / dead, ignore_errors=True)
+
+    def finetune_argv(self, init: str, branch: str, fraction: float, labelled: int, seed: int, lr: float,
+                      out: Path) -> list[str]:
+        a, o = self.args, self.opts
+        argv = ["--data", str(self.shards), "--init", init, "--branch", branch,
+                "--model.vit_kwargs", json.dumps({"img_size": a.image_size, "patch_size": a.patch}),
+                "--label-fraction", str(fraction), "--image-size", str(a.image_size),
+                "--batch-size", str(min(32, labelled)), "--lr", f"{lr:.10f}",
+                "--seed", str(seed), "--output-dir", str(out), "--resume", "auto", *self.model_flags("model.")]
+        if o.ft_steps:
+            argv += ["--max-steps", str(o.ft_steps), "--eval-every", str(max(1, o.ft_steps // 10)), "--patience", "5"]
+        return argv
 
     def run(self) -> None:
         self.make_shards()
