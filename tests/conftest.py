@@ -1,5 +1,6 @@
 """Shared fixtures. Tests run on CPU with tiny models; real datasets come from ../shared/data when present."""
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -12,6 +13,20 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+BENCHMARKS = REPO_ROOT / "benchmarks"
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """Load ``benchmarks/<name>.py`` as a module: the benchmarks are scripts, not a package."""
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@ pretraining and fine-tuning alike (a pretrained CNN and the supervised one never
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -11,15 +10,10 @@ import pytest
 from cass_dist.configs.finetune import parse_finetune_config
 from cass_dist.configs.pretrain import parse_pretrain_config
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "cass_vs_baselines.py"
-
 
 @pytest.fixture(scope="module")
-def study():
-    spec = importlib.util.spec_from_file_location("cass_vs_baselines", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def study(load_benchmark):
+    return load_benchmark("cass_vs_baselines")
 
 
 def configs(study, tmp_path: Path, argv: list[str], dataset: str, contender: str):

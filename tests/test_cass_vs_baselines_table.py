@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "cass_vs_baselines_tables.py"
 
 
 @pytest.fixture(scope="module")
-def tables():
-    spec = importlib.util.spec_from_file_location("cass_vs_baselines_tables", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def tables(load_benchmark):
+    return load_benchmark("cass_vs_baselines_tables")
 
 
 def run(val_f1: float, test_f1: float, *, val_auroc: float = 0.5, test_auroc: float = 0.5) -> dict:

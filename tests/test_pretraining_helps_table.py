@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "pretraining_helps.py"
+import pytest
 
 
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("pretraining_helps", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture(scope="module")
+def bench(load_benchmark):
+    return load_benchmark("pretraining_helps")
 
 
 def scores(value: float) -> dict:
@@ -24,8 +19,7 @@ def run(val_f1: float, test_acc: float) -> dict:
     return {"val": {**metrics, "f1_macro": val_f1, "auroc_macro": 0.5}, "test": metrics, "best_step": 1, "steps": 2}
 
 
-def test_setting_is_chosen_per_seed_on_val_f1():
-    bench = load_benchmark()
+def test_setting_is_chosen_per_seed_on_val_f1(bench):
     results = {  # the setting with the best test score is never the one val picks
         "finetune/cass/cnn/seed0/lr0.001": run(val_f1=0.9, test_acc=0.80),
         "finetune/cass/cnn/seed0/lr0.003": run(val_f1=0.8, test_acc=0.99),
@@ -45,8 +39,7 @@ def test_setting_is_chosen_per_seed_on_val_f1():
     assert [line.split(" | ")[3] for line in per_setting] == ["89.5 ± 13.4", "99.0 ± 0.0", "94.5 ± 6.4"]
 
 
-def test_settings_cross_lrs_with_layer_decays():
-    bench = load_benchmark()
+def test_settings_cross_lrs_with_layer_decays(bench):
     args = bench.parse_args(["--ft-lrs", "1e-3", "3e-3", "--ft-layer-decays", "1", "0.75"])
     assert bench._settings(args) == [(1e-3, 1.0), (3e-3, 1.0), (1e-3, 0.75), (3e-3, 0.75)]
 
@@ -55,8 +48,7 @@ def probes(cnn_knn: float, vit_knn: float) -> dict:
     return {"cnn": {"knn": scores(cnn_knn), "linear": scores(0.5)}, "vit": {"knn": scores(vit_knn), "linear": scores(0.5)}}
 
 
-def test_paired_differences_pair_seeds_and_use_the_setting_val_picks():
-    bench = load_benchmark()
+def test_paired_differences_pair_seeds_and_use_the_setting_val_picks(bench):
     settings = ["lr0.001", "lr0.003"]
     results = {
         "probe/cass/seed0": probes(0.85, 0.90), "probe/random/seed0": probes(0.80, 0.70),
