@@ -41,22 +41,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared benchmark
 from cass_vs_baselines_tables import CONTENDERS, PRETRAINED, all_tables, equal_time_steps  # noqa: E402
 from pretraining_helps import METRICS, Bench  # noqa: E402
 
-from cass_dist.configs.finetune import DownstreamModelSection, parse_finetune_config  # noqa: E402
+from cass_dist.configs.finetune import parse_finetune_config  # noqa: E402
 from cass_dist.configs.pretrain import parse_pretrain_config  # noqa: E402
 from cass_dist.engine.classifier import build_backbone  # noqa: E402
 from cass_dist.engine.finetune import finetune  # noqa: E402
 from cass_dist.engine.pretrain import pretrain  # noqa: E402
 
-DATA_ROOT = Path(os.environ.get("CASS_SHARED_DATA", "../shared/data"))  # a GPU machine gets the data elsewhere
-
 
 def datasets(image_size: int | None = None) -> dict[str, tuple[list[str], int]]:
     """name -> (cass-shards arguments before --out, image size); ``image_size`` resizes the brain MRI folder."""
+    root = Path(os.environ.get("CASS_SHARED_DATA", "../shared/data"))  # a GPU machine gets the data elsewhere
     mri = image_size or 64
     return {
-        "pneumoniamnist": (["medmnist", "pneumoniamnist", "--root", str(DATA_ROOT / "pneumoniamnist")], 28),
-        "breastmnist": (["medmnist", "breastmnist", "--root", str(DATA_ROOT / "breastmnist")], 28),
-        "brain_mri": (["folder", str(DATA_ROOT / "brain_tumor_mri"), "--resize", str(mri), "--mode", "L", "--dedupe"],
+        "pneumoniamnist": (["medmnist", "pneumoniamnist", "--root", str(root / "pneumoniamnist")], 28),
+        "breastmnist": (["medmnist", "breastmnist", "--root", str(root / "breastmnist")], 28),
+        "brain_mri": (["folder", str(root / "brain_tumor_mri"), "--resize", str(mri), "--mode", "L", "--dedupe"],
                       mri),
     }
 
@@ -71,14 +70,14 @@ class Scale(NamedTuple):
     vit: str
     image_size: int | None  # None: each dataset's own (28 px MedMNIST, 64 px brain MRI)
     patch: int | None  # None: image / 4, 16 tokens
-    stem: str | None  # None: --stem decides
+    stem: str  # the default of --stem
     precision: str  # of pretraining and fine-tuning: fp32 on CPU keeps timings comparable; auto = bf16 on a GPU
     datasets: tuple[str, ...]
     pretrain_flags: tuple[str, ...] = ()
 
 
 SCALES = {
-    "small": Scale("resnet18", "vit_tiny_patch16_224", None, None, None, "fp32", tuple(DATASETS)),
+    "small": Scale("resnet18", "vit_tiny_patch16_224", None, None, "small", "fp32", tuple(DATASETS)),
     # issue 14 item 6: the paper's model sizes at 224 px, ImageNet-free, on a GPU (docs/methods.md)
     "paper": Scale("resnet50", "vit_base_patch16_224", 224, 16, "timm", "auto", ("brain_mri",),
                    pretrain_flags=("--model.channels_last", "true")),  # the demo preset's CPU setting is off
@@ -108,9 +107,10 @@ def parse_args(argv=None) -> Namespace:
     p.add_argument("--ft-steps", type=int, default=0,
                    help="fine-tuning steps; 0 = the fine-tuning defaults (epochs, early stopping on val)")
     p.add_argument("--stages", nargs="+", default=["probes", "finetune"], choices=["probes", "finetune"])
-    p.add_argument("--stem", choices=["small", "timm"], default="small",
+    p.add_argument("--stem", choices=["small", "timm"],
                    help="every contender's CNN stem: small (stride-1 3x3, no max-pool; the default at <= 64 px and "
-                        "MedMNIST v2's ResNet-18) or timm's (7x7 stride 2 + max-pool; cheaper on a CPU)")
+                        "MedMNIST v2's ResNet-18) or timm's (7x7 stride 2 + max-pool; cheaper on a CPU); "
+                        "default: small at --scale small, timm at --scale paper")
     p.add_argument("--quick", action="store_true", help=f"tiny scale, for the plumbing: {QUICK}")
     p.add_argument("--table", action="store_true", help="only print the tables of the results so far")
     args = p.parse_args(argv)
@@ -124,8 +124,7 @@ def parse_args(argv=None) -> Namespace:
         args.datasets = list(scale.datasets)
     if not set(args.datasets) <= set(scale.datasets):
         p.error(f"--datasets: --scale {args.scale} runs on {', '.join(scale.datasets)}, not {' '.join(args.datasets)}")
-    if scale.stem:
-        args.stem = scale.stem
+    args.stem = args.stem or scale.stem
     if args.work is None:
         args.work = "runs/benchmarks/cass_vs_baselines" + ("" if args.scale == "small" else f"-{args.scale}")
         args.work += "-quick" if args.quick else ""
@@ -142,15 +141,11 @@ class Study(Bench):
                                    image_size=image_size, patch=self.scale.patch or image_size // 4,
                                    probe_fraction=args.probe_fraction, small_stem=args.stem == "small"))
         self.opts = args
-
-    def model_section(self, init: str) -> DownstreamModelSection:
-        return DownstreamModelSection(init=init, cnn=self.scale.cnn, vit=self.scale.vit,
-                                      vit_kwargs={"img_size": self.args.image_size, "patch_size": self.args.patch},
-                                      small_stem=self.args.small_stem)
+        self.cnn, self.vit = self.scale.cnn, self.scale.vit  # the probes' random-init backbones too
 
     def model_flags(self, prefix: str) -> list[str]:
         """The scale's models and precision, as flags of ``launch/pretrain.py`` or ``launch/finetune.py``."""
-        return [f"--{prefix}cnn", self.scale.cnn, f"--{prefix}vit", self.scale.vit,
+        return [f"--{prefix}cnn", self.cnn, f"--{prefix}vit", self.vit,
                 "--precision", self.scale.precision, *self.stem_flags()]
 
     def make_shards(self) -> None:

@@ -178,8 +178,10 @@ class Bench:
         (the demo preset keeps timm's stem, a random init at <= 64 px gets the small one)."""
         return ["--model.small_stem", "true" if self.args.small_stem else "false"]
 
+    cnn, vit = "resnet18", "vit_tiny_patch16_224"  # every contender's architectures
+
     def model_section(self, init: str) -> DownstreamModelSection:
-        return DownstreamModelSection(init=init, cnn="resnet18", vit="vit_tiny_patch16_224",
+        return DownstreamModelSection(init=init, cnn=self.cnn, vit=self.vit,
                                       vit_kwargs={"img_size": self.args.image_size, "patch_size": self.args.patch},
                                       small_stem=self.args.small_stem)
 

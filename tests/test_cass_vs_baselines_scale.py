@@ -63,3 +63,8 @@ def test_default_work_dirs_keep_the_scales_apart(study):
     assert study.parse_args(["--scale", "paper", "--quick"]).work == "runs/benchmarks/cass_vs_baselines-paper-quick"
     assert study.parse_args(["--quick"]).datasets == ["breastmnist"]
 
+
+def test_each_scale_has_its_default_stem_and_an_explicit_stem_wins(study):
+    assert study.parse_args([]).stem == "small" and study.parse_args(["--scale", "paper"]).stem == "timm"
+    assert study.parse_args(["--scale", "paper", "--stem", "small"]).stem == "small"
+    assert study.parse_args(["--stem", "timm"]).stem == "timm"
