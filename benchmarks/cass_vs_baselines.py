@@ -38,14 +38,12 @@ from typing import NamedTuple
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared benchmark harness lives beside this file
-from cass_vs_baselines_tables import CONTENDERS, PRETRAINED, all_tables, equal_time_steps  # noqa: E402
+from cass_vs_baselines_tables import CONTENDERS, PRETRAINED, all_tables, budget_of, equal_time_steps  # noqa: E402
 from pretraining_helps import METRICS, Bench  # noqa: E402
 
 from cass_dist.configs.finetune import parse_finetune_config  # noqa: E402
-from cass_dist.configs.pretrain import parse_pretrain_config  # noqa: E402
 from cass_dist.engine.classifier import build_backbone  # noqa: E402
 from cass_dist.engine.finetune import finetune  # noqa: E402
-from cass_dist.engine.pretrain import pretrain  # noqa: E402
 
 
 def datasets(image_size: int | None = None) -> dict[str, tuple[list[str], int]]:
@@ -183,7 +181,7 @@ class Study(Bench):
         if self.done(key):
             return out
         if not ((out / "summary.json").is_file() and (out / "export" / "model.json").is_file()):
-            pretrain(parse_pretrain_config(self.pretrain_argv(contender, steps, seed, out)))  # resumes if interrupted
+            self.pretrain_to_the_end(self.pretrain_argv(contender, steps, seed, out))  # resumes if interrupted
             # the study uses the export; the resumable state (~250 MB a run) is dead once the run is complete
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
         summary = json.loads((out / "summary.json").read_text())
@@ -196,7 +194,7 @@ class Study(Bench):
 
     # ------------------------------------------------------------------ evaluation
     def probes(self, contender: str, budget: str, seed: int) -> None:
-        key = f"probe/{budget}/{contender}/seed{seed}"
+        key = f"probe/{budget_of(contender, budget)}/{contender}/seed{seed}"
         if self.done(key):
             return
         init = "random" if contender == "supervised" else str(self.pretrain(contender, budget, seed))
@@ -208,7 +206,7 @@ class Study(Bench):
         self.record(key, result)
 
     def finetune_run(self, contender: str, budget: str, branch: str, fraction: float, seed: int, lr: float) -> None:
-        key = f"finetune/{budget}/{contender}/{branch}/f{fraction:g}/seed{seed}/lr{lr:g}"
+        key = f"finetune/{budget_of(contender, budget)}/{contender}/{branch}/f{fraction:g}/seed{seed}/lr{lr:g}"
         if self.done(key):
             return
         init = "random" if contender == "supervised" else str(self.pretrain(contender, budget, seed))
@@ -266,7 +264,8 @@ def main(argv=None) -> int:
         text = all_tables(study.results, dataset=dataset, seeds=args.seeds, budgets=args.budgets,
                           contenders=args.contenders, fractions=args.ft_fractions, lrs=args.ft_lrs)
         print(text)
-        (study.work / "tables.md").write_text(text)
+        if not args.table:  # --table only prints: it may read a committed results file (docs/results/)
+            (study.work / "tables.md").write_text(text)
     return 0
 
 

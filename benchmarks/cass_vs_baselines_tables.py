@@ -1,6 +1,7 @@
 """The tables of benchmarks/cass_vs_baselines.py: pure functions of its results.json (no torch, testable alone).
 
-Keys of the results (``budget`` is "steps" or "time"; "-" for what no pretraining budget changes):
+Keys of the results (``budget`` is "steps" or "time"; "-" for what no pretraining budget changes;
+CASS (defaults) probes and fine-tunes once, under "steps": see ``budget_of``):
 
     pixels                                                  raw-pixel probes
     pretrain/<budget>/<contender>/seed<s>                   steps, seconds_per_step, seconds_per_epoch, ...
@@ -25,7 +26,14 @@ def equal_time_steps(steps: int, cass_seconds_per_step: float, seconds_per_step:
 
 
 def budget_of(contender: str, budget: str) -> str:
-    return "-" if contender == "supervised" else budget
+    """Return the budget a contender's probes and fine-tunes are stored under.
+
+    Supervised training has no pretraining budget ("-"). CASS (defaults) sets the equal wall-clock
+    budget, so its equal-time run is its equal-steps run: one set of probes and fine-tunes serves both.
+    """
+    if contender == "supervised":
+        return "-"
+    return "steps" if contender == "cass" else budget
 
 
 def chosen_on_val(runs: dict[str, dict]) -> tuple[str, dict] | None:

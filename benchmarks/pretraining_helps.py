@@ -156,17 +156,31 @@ class Bench:
         argv = ["--preset", "demo", "--data", str(self.shards), "--image-size", str(a.image_size),
                 "--model.vit_patch_size", str(a.patch), "--max-steps", str(steps), "--batch-size",
                 str(a.batch_size), "--save-every", "0", "--knn-every", "0", "--log-every", "10",
-                "--seed", str(seed), "--output-dir", str(out), *self.stem_flags()]
+                "--seed", str(seed), "--output-dir", str(out), "--resume", "auto", *self.stem_flags()]
         if objective == "paper":  # exactly the paper: its loss on the linear (timm classifier) heads, one view
             argv += ["--objective", "paper", "--head", "linear", "--views", "1"]
         else:
             argv += shlex.split(a.cass_flags)
         started = time.time()
-        summary = pretrain(parse_pretrain_config(argv))
+        summary = self.pretrain_to_the_end(argv)
         self.record(f"pretrain/{objective}/seed{seed}", {
             "final_loss": summary.final_loss, "embed_std_cnn": summary.embed_std_cnn,
             "embed_std_vit": summary.embed_std_vit, "seconds": time.time() - started})
         return out
+
+    @staticmethod
+    def pretrain_to_the_end(argv: list[str]):
+        """Run (or resume) one pretraining and return its summary; one stopped by a signal is never recorded.
+
+        A stopped run writes its summary and checkpoint but no export: recording it would pass a
+        partial run off as complete, so the harness stops and the same command resumes it.
+        """
+        summary = pretrain(parse_pretrain_config(argv))
+        if summary.stopped_by:
+            out = argv[argv.index("--output-dir") + 1]
+            raise SystemExit(f"pretraining {out} was stopped by {summary.stopped_by} at step {summary.steps}: "
+                             "run the same command again to resume it")
+        return summary
 
     def init_path(self, init: str, seed: int) -> str:
         if init == "random":

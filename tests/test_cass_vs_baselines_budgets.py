@@ -1,0 +1,52 @@
+"""CASS (defaults) sets the equal wall-clock budget, so the study probes and fine-tunes it once: its
+equal-time results are its equal-steps ones, in the study and in the tables alike."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def study(load_benchmark):
+    return load_benchmark("cass_vs_baselines")
+
+
+def scored(f1: float) -> dict:
+    metrics = {"accuracy": f1, "f1_macro": f1, "auroc_macro": f1, "balanced_accuracy": f1}
+    return {"val": metrics, "test": metrics}
+
+
+def test_cass_at_equal_time_reuses_its_equal_steps_runs_and_dino_does_not(study, tmp_path):
+    (tmp_path / "breastmnist").mkdir()
+    done = {"finetune/steps/cass/cnn/f0.1/seed0/lr0.001": scored(0.7),
+            "probe/steps/cass/seed0": {"cnn": {}, "vit": {}}}
+    (tmp_path / "breastmnist" / "results.json").write_text(json.dumps(done))
+    s = study.Study(study.parse_args(["--work", str(tmp_path)]), "breastmnist")
+    pretrained = []
+
+    def pretrain(contender, budget, seed):  # stands in for a pretraining run: records it, then stops the caller
+        pretrained.append((contender, budget))
+        raise RuntimeError("would pretrain")
+
+    s.pretrain = pretrain
+
+    s.finetune_run("cass", "time", "cnn", 0.1, 0, 1e-3)  # found under "steps": nothing runs
+    s.probes("cass", "time", 0)
+    assert pretrained == []
+    with pytest.raises(RuntimeError, match="would pretrain"):  # DINO's equal-time run is its own: it must pretrain
+        s.finetune_run("dino-vit", "time", "vit", 0.1, 0, 1e-3)
+    assert pretrained == [("dino-vit", "time")]
+
+
+def test_the_equal_time_tables_pair_cass_steps_runs_with_the_others_time_runs(load_benchmark):
+    tables = load_benchmark("cass_vs_baselines_tables")
+    results = {"finetune/steps/cass/vit/f0.1/seed0/lr0.001": scored(0.8),
+               "finetune/time/dino-vit/vit/f0.1/seed0/lr0.001": scored(0.6),
+               "finetune/steps/dino-vit/vit/f0.1/seed0/lr0.001": scored(0.1)}  # the other budget: ignored
+    text = tables.paired_table(results, "time", [0], ["cass", "dino-vit"], [0.1], [1e-3])
+    row = next(line for line in text.splitlines() if line.startswith("| DINO-ViT | vit"))
+    assert "| +20.0 ± 0.0 (1/1) | +20.0 ± 0.0 (1/1) |" in row  # CASS 80 (its only run) minus DINO-ViT at equal time 60
+    assert tables.budget_of("cass", "time") == "steps" and tables.budget_of("dino-vit", "time") == "time"
+    assert tables.budget_of("supervised", "time") == "-"
