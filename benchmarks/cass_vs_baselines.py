@@ -160,8 +160,9 @@ class Study(Bench):
         """Return the pretraining steps of ``contender`` at ``budget`` (equal time: from measured s / step)."""
         if budget == "steps" or contender == "cass":
             return self.opts.steps
-        for measured in ("cass", contender):
-            self.pretrain(measured, "steps", seed)  # the equal-steps runs measure each method's seconds per step
+        for measured in ("cass", contender):  # the equal-steps runs measure each method's seconds per step
+            if not self.done(f"pretrain/steps/{measured}/seed{seed}"):
+                self.pretrain(measured, "steps", seed)
         cass, other = (self.results[f"pretrain/steps/{c}/seed{seed}"] for c in ("cass", contender))
         return equal_time_steps(self.opts.steps, cass["seconds_per_step"], other["seconds_per_step"])
 
@@ -179,6 +180,10 @@ class Study(Bench):
         steps = self.results[key]["steps"] if self.done(key) else self.steps_for(contender, budget, seed)
         out = self.work / "pretrain" / f"{contender}-seed{seed}-{steps}steps"
         if self.done(key):
+            if not (out / "export" / "model.json").is_file():  # a copied results file (docs/results/) has no runs
+                raise SystemExit(f"{key} is recorded in {self.results_path}, but its export {out / 'export'} is "
+                                 "gone: restore that run dir, or delete the key (and the probes and fine-tunes "
+                                 "of that contender, budget and seed) from results.json to pretrain it again")
             return out
         if not ((out / "summary.json").is_file() and (out / "export" / "model.json").is_file()):
             self.pretrain_to_the_end(self.pretrain_argv(contender, steps, seed, out))  # resumes if interrupted
@@ -225,7 +230,8 @@ class Study(Bench):
         a, o = self.args, self.opts
         argv = ["--data", str(self.shards), "--init", init, "--branch", branch,
                 "--model.vit_kwargs", json.dumps({"img_size": a.image_size, "patch_size": a.patch}),
-                "--label-fraction", str(fraction), "--image-size", str(a.image_size),
+                "--label-fraction", str(fraction), "--data.fraction_seed", str(seed),  # each seed its own draw
+                "--image-size", str(a.image_size),
                 "--batch-size", str(min(32, labelled)), "--lr", f"{lr:.10f}",
                 "--seed", str(seed), "--output-dir", str(out), "--resume", "auto", *self.model_flags("model.")]
         if o.ft_steps:
@@ -240,7 +246,8 @@ class Study(Bench):
         for seed in o.seeds:
             for budget in o.budgets:
                 for contender in o.contenders:
-                    self.pretrain(contender, budget, seed)
+                    if not self.done(f"pretrain/{budget}/{contender}/seed{seed}"):
+                        self.pretrain(contender, budget, seed)
                     if "probes" in o.stages:
                         self.probes(contender, budget, seed)
             if "probes" in o.stages:

@@ -50,3 +50,17 @@ def test_the_equal_time_tables_pair_cass_steps_runs_with_the_others_time_runs(lo
     assert "| +20.0 ± 0.0 (1/1) | +20.0 ± 0.0 (1/1) |" in row  # CASS 80 (its only run) minus DINO-ViT at equal time 60
     assert tables.budget_of("cass", "time") == "steps" and tables.budget_of("dino-vit", "time") == "time"
     assert tables.budget_of("supervised", "time") == "-"
+
+
+def test_a_copied_results_file_adds_work_without_its_runs_and_names_a_missing_export(study, tmp_path):
+    """docs/results/ holds results.json alone: its recorded pretrainings still set the equal-time budget,
+    and work that needs one of their exports stops with the key and the path, not a finetune traceback."""
+    (tmp_path / "breastmnist").mkdir()
+    done = {f"pretrain/steps/{c}/seed0": {"steps": 600, "seconds_per_step": sps}
+            for c, sps in (("cass", 2.0), ("dino-vit", 3.0))}
+    (tmp_path / "breastmnist" / "results.json").write_text(json.dumps(done))
+    s = study.Study(study.parse_args(["--work", str(tmp_path)]), "breastmnist")
+
+    assert s.steps_for("dino-vit", "time", 0) == 400  # from the records: no run dir needed
+    with pytest.raises(SystemExit, match=r"pretrain/steps/cass/seed0 is recorded .* export .*cass-seed0-600steps"):
+        s.finetune_run("cass", "steps", "cnn", 0.01, 0, 1e-3)
