@@ -160,9 +160,8 @@ class Study(Bench):
         """Return the pretraining steps of ``contender`` at ``budget`` (equal time: from measured s / step)."""
         if budget == "steps" or contender == "cass":
             return self.opts.steps
-        for measured in ("cass", contender):  # the equal-steps runs measure each method's seconds per step
-            if not self.done(f"pretrain/steps/{measured}/seed{seed}"):
-                self.pretrain(measured, "steps", seed)
+        for measured in ("cass", contender):
+            self.pretrain(measured, "steps", seed)  # the equal-steps runs measure each method's seconds per step
         cass, other = (self.results[f"pretrain/steps/{c}/seed{seed}"] for c in ("cass", contender))
         return equal_time_steps(self.opts.steps, cass["seconds_per_step"], other["seconds_per_step"])
 
@@ -175,15 +174,14 @@ class Study(Bench):
                 *FLAGS[contender]]
 
     def pretrain(self, contender: str, budget: str, seed: int) -> Path:
-        """Return the run dir of the pretraining (made if missing; runs of equal step counts are shared)."""
+        """Record the pretraining (run if not recorded; runs of equal step counts are shared); return its run dir.
+
+        A recorded run's dir may be gone (a results file copied from docs/results/): ``pretrained`` checks.
+        """
         key = f"pretrain/{budget}/{contender}/seed{seed}"
         steps = self.results[key]["steps"] if self.done(key) else self.steps_for(contender, budget, seed)
         out = self.work / "pretrain" / f"{contender}-seed{seed}-{steps}steps"
         if self.done(key):
-            if not (out / "export" / "model.json").is_file():  # a copied results file (docs/results/) has no runs
-                raise SystemExit(f"{key} is recorded in {self.results_path}, but its export {out / 'export'} is "
-                                 "gone: restore that run dir, or delete the key (and the probes and fine-tunes "
-                                 "of that contender, budget and seed) from results.json to pretrain it again")
             return out
         if not ((out / "summary.json").is_file() and (out / "export" / "model.json").is_file()):
             self.pretrain_to_the_end(self.pretrain_argv(contender, steps, seed, out))  # resumes if interrupted
@@ -197,12 +195,22 @@ class Study(Bench):
                           "collapse_warnings": sum("collapse_warning" in r for r in records)})
         return out
 
+    def pretrained(self, contender: str, budget: str, seed: int) -> Path:
+        """Return the run dir whose export probes and fine-tunes start from (pretrained if not recorded)."""
+        out = self.pretrain(contender, budget, seed)
+        if not (out / "export" / "model.json").is_file():
+            raise SystemExit(f"pretrain/{budget}/{contender}/seed{seed} is recorded in {self.results_path}, but "
+                             f"its export {out / 'export'} is gone: restore that run dir, or delete the key (and "
+                             "the probes and fine-tunes of that contender, budget and seed) from results.json to "
+                             "pretrain it again")
+        return out
+
     # ------------------------------------------------------------------ evaluation
     def probes(self, contender: str, budget: str, seed: int) -> None:
         key = f"probe/{budget_of(contender, budget)}/{contender}/seed{seed}"
         if self.done(key):
             return
-        init = "random" if contender == "supervised" else str(self.pretrain(contender, budget, seed))
+        init = "random" if contender == "supervised" else str(self.pretrained(contender, budget, seed))
         result = {}
         for branch in CONTENDERS[contender]:
             torch.manual_seed(seed)  # random init: each seed its own weights
@@ -214,7 +222,7 @@ class Study(Bench):
         key = f"finetune/{budget_of(contender, budget)}/{contender}/{branch}/f{fraction:g}/seed{seed}/lr{lr:g}"
         if self.done(key):
             return
-        init = "random" if contender == "supervised" else str(self.pretrain(contender, budget, seed))
+        init = "random" if contender == "supervised" else str(self.pretrained(contender, budget, seed))
         labelled = self.loader("train", fraction).num_samples
         out = self.work / "finetune" / key.replace("/", "-")
         started = time.perf_counter()
@@ -246,8 +254,7 @@ class Study(Bench):
         for seed in o.seeds:
             for budget in o.budgets:
                 for contender in o.contenders:
-                    if not self.done(f"pretrain/{budget}/{contender}/seed{seed}"):
-                        self.pretrain(contender, budget, seed)
+                    self.pretrain(contender, budget, seed)
                     if "probes" in o.stages:
                         self.probes(contender, budget, seed)
             if "probes" in o.stages:
