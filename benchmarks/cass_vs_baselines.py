@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import shutil
 import sys
 import time
@@ -38,7 +39,15 @@ from typing import NamedTuple
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared benchmark harness lives beside this file
-from cass_vs_baselines_tables import CONTENDERS, PRETRAINED, all_tables, budget_of, equal_time_steps  # noqa: E402
+from cass_vs_baselines_tables import (  # noqa: E402
+    CONTENDERS,
+    PRETRAINED,
+    all_tables,
+    budget_of,
+    equal_time_steps,
+    machine_of,
+    same_machine,
+)
 from pretraining_helps import METRICS, Bench  # noqa: E402
 
 from cass_dist.configs.finetune import parse_finetune_config  # noqa: E402
@@ -59,6 +68,21 @@ def datasets(image_size: int | None = None) -> dict[str, tuple[list[str], int]]:
 
 
 DATASETS = list(datasets())
+
+
+def machine() -> str:
+    """Name what a pretraining's seconds were measured on: its GPU, or its CPU model, cores and threads.
+
+    A time ratio means something only between runs on one machine; a results file copied from
+    docs/results/ and extended elsewhere mixes machines, so every timed record carries this.
+    """
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
+    return f"{model or platform.processor() or platform.machine()}, {os.cpu_count()} cores, " \
+           f"{torch.get_num_threads()} thread(s)"
 
 
 class Scale(NamedTuple):
@@ -163,6 +187,11 @@ class Study(Bench):
         for measured in ("cass", contender):
             self.pretrain(measured, "steps", seed)  # the equal-steps runs measure each method's seconds per step
         cass, other = (self.results[f"pretrain/steps/{c}/seed{seed}"] for c in ("cass", contender))
+        if not same_machine(cass, other):
+            raise SystemExit(f"the equal wall-clock budget of {contender} (seed {seed}) needs both equal-steps "
+                             f"timings from one machine, but pretrain/steps/cass/seed{seed} ran on "
+                             f"{machine_of(cass)} and pretrain/steps/{contender}/seed{seed} on {machine_of(other)} "
+                             f"({self.results_path}): delete one key to pretrain it again here")
         return equal_time_steps(self.opts.steps, cass["seconds_per_step"], other["seconds_per_step"])
 
     def pretrain_argv(self, contender: str, steps: int, seed: int, out: Path) -> list[str]:
@@ -189,7 +218,7 @@ class Study(Bench):
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
         summary = json.loads((out / "summary.json").read_text())
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        self.record(key, {"steps": steps, "seconds_per_step": self.opts.batch_size / summary["images_per_sec"],
+        self.record(key, {"steps": steps, "machine": machine(), "seconds_per_step": self.opts.batch_size / summary["images_per_sec"],
                           "seconds_per_epoch": self.train_count / summary["images_per_sec"],
                           "final_loss": summary["final_loss"],
                           "collapse_warnings": sum("collapse_warning" in r for r in records)})

@@ -4,7 +4,7 @@ Keys of the results (``budget`` is "steps" or "time"; "-" for what no pretrainin
 CASS (defaults) probes and fine-tunes once, under "steps": see ``budget_of``):
 
     pixels                                                  raw-pixel probes
-    pretrain/<budget>/<contender>/seed<s>                   steps, seconds_per_step, seconds_per_epoch, ...
+    pretrain/<budget>/<contender>/seed<s>                   steps, machine, seconds_per_step, seconds_per_epoch, ...
     probe/<budget>/<contender>/seed<s>                      {branch: {knn: {...}, linear: {...}}}
     finetune/<budget>/<contender>/<branch>/f<fraction>/seed<s>/lr<lr>   {val: {...}, test: {...}, ...}
 """
@@ -23,6 +23,20 @@ LABELS = {"cass": "CASS (defaults)", "cass-paper": "CASS (paper objective)", "di
 def equal_time_steps(steps: int, cass_seconds_per_step: float, seconds_per_step: float) -> int:
     """Return the steps a method gets in the wall-clock CASS-defaults needs for ``steps`` steps."""
     return max(1, round(steps * cass_seconds_per_step / seconds_per_step))
+
+
+def machine_of(record: dict) -> str:
+    """Return the machine a pretraining record was timed on ("unrecorded" for records before it was kept)."""
+    return record.get("machine") or "unrecorded"
+
+
+def same_machine(a: dict, b: dict) -> bool:
+    """Whether two pretraining records were timed on one machine, so a ratio of their times means something.
+
+    Records without a machine (results files before 2026-12-06's evening) are taken as one machine:
+    each of those files was measured on one.
+    """
+    return machine_of(a) == machine_of(b)
 
 
 def budget_of(contender: str, budget: str) -> str:
@@ -76,21 +90,24 @@ def _runs(results: dict, prefix: str, seeds: list[int]) -> list[dict]:
 
 
 def cost_table(results: dict, seeds: list[int], contenders: list[str]) -> str:
-    lines = ["| method | s / step | s / epoch | time / DINO-ViT's | steps at equal time | collapse warnings | seeds |",
-             "|---|---|---|---|---|---|---|"]
-    dino = {s: r["seconds_per_epoch"] for s in seeds if (r := results.get(f"pretrain/steps/dino-vit/seed{s}"))}
+    """Time per step and epoch of each method; its ratio to DINO-ViT's only for seeds timed on DINO-ViT's machine."""
+    lines = ["| method | s / step | s / epoch | time / DINO-ViT's | steps at equal time | collapse warnings | seeds "
+             "| machine |", "|---|---|---|---|---|---|---|---|"]
+    dino = {s: r for s in seeds if (r := results.get(f"pretrain/steps/dino-vit/seed{s}"))}
     for contender in contenders:
         runs = {s: r for s in seeds if (r := results.get(f"pretrain/steps/{contender}/seed{s}"))}
         if not runs:
             continue
-        ratio = [runs[s]["seconds_per_epoch"] / dino[s] for s in runs if s in dino]
+        ratio = [runs[s]["seconds_per_epoch"] / dino[s]["seconds_per_epoch"] for s in runs
+                 if s in dino and same_machine(runs[s], dino[s])]
         timed = _runs(results, f"pretrain/time/{contender}", seeds)
         cells = [mean_std([r["seconds_per_step"] for r in runs.values()], scale=1, digits=3),
                  mean_std([r["seconds_per_epoch"] for r in runs.values()], scale=1),
                  mean_std(ratio, scale=1, digits=2),
                  mean_std([r["steps"] for r in timed], scale=1, digits=0),
                  str(sum(r["collapse_warnings"] for r in runs.values()))]
-        lines.append(f"| {LABELS[contender]} | " + " | ".join(cells) + f" | {len(runs)} |")
+        machines = "; ".join(sorted({machine_of(r) for r in runs.values()}))
+        lines.append(f"| {LABELS[contender]} | " + " | ".join(cells) + f" | {len(runs)} | {machines} |")
     return "\n".join(lines)
 
 
@@ -160,7 +177,7 @@ def paired_table(results: dict, budget: str, seeds: list[int], contenders: list[
 def all_tables(results: dict, *, dataset: str, seeds: list[int], budgets: list[str], contenders: list[str],
                fractions: list[float], lrs: list[float]) -> str:
     """Return every table of one dataset as markdown: cost, then probes, fine-tuning and paired differences per budget."""
-    parts = [f"## {dataset}", "", "Pretraining cost at equal steps (training only, this machine):", "",
+    parts = [f"## {dataset}", "", "Pretraining cost at equal steps (training only; a ratio only between runs on one machine):", "",
              cost_table(results, seeds, contenders)]
     for budget in budgets:
         title = "equal steps" if budget == "steps" else "equal wall-clock"

@@ -41,4 +41,5 @@ def test_a_stopped_pretraining_is_not_recorded_and_the_next_call_resumes_it(load
     out = s.pretrain("cass", "steps", 0)
     assert (out / "export" / "model.json").is_file()
     assert s.results["pretrain/steps/cass/seed0"]["steps"] == 4
+    assert s.results["pretrain/steps/cass/seed0"]["machine"] == study.machine()  # where its seconds were measured
     assert json.loads((out / "summary.json").read_text())["stopped_by"] == ""
