@@ -81,8 +81,8 @@ def machine() -> str:
     cpuinfo = Path("/proc/cpuinfo")
     lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
     model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
-    return f"{model or platform.processor() or platform.machine()}, {os.cpu_count()} cores, " \
-           f"{torch.get_num_threads()} thread(s)"
+    cpu = model or platform.processor() or platform.machine()
+    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} thread(s)"
 
 
 class Scale(NamedTuple):
@@ -218,7 +218,8 @@ class Study(Bench):
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
         summary = json.loads((out / "summary.json").read_text())
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        self.record(key, {"steps": steps, "machine": machine(), "seconds_per_step": self.opts.batch_size / summary["images_per_sec"],
+        self.record(key, {"steps": steps, "machine": machine(),
+                          "seconds_per_step": self.opts.batch_size / summary["images_per_sec"],
                           "seconds_per_epoch": self.train_count / summary["images_per_sec"],
                           "final_loss": summary["final_loss"],
                           "collapse_warnings": sum("collapse_warning" in r for r in records)})

@@ -90,7 +90,7 @@ def _runs(results: dict, prefix: str, seeds: list[int]) -> list[dict]:
 
 
 def cost_table(results: dict, seeds: list[int], contenders: list[str]) -> str:
-    """Time per step and epoch of each method; its ratio to DINO-ViT's only for seeds timed on DINO-ViT's machine."""
+    """Time per step and epoch of each method; its ratio to DINO-ViT's only for seeds timed on one machine."""
     lines = ["| method | s / step | s / epoch | time / DINO-ViT's | steps at equal time | collapse warnings | seeds "
              "| machine |", "|---|---|---|---|---|---|---|---|"]
     dino = {s: r for s in seeds if (r := results.get(f"pretrain/steps/dino-vit/seed{s}"))}
@@ -177,7 +177,8 @@ def paired_table(results: dict, budget: str, seeds: list[int], contenders: list[
 def all_tables(results: dict, *, dataset: str, seeds: list[int], budgets: list[str], contenders: list[str],
                fractions: list[float], lrs: list[float]) -> str:
     """Return every table of one dataset as markdown: cost, then probes, fine-tuning and paired differences per budget."""
-    parts = [f"## {dataset}", "", "Pretraining cost at equal steps (training only; a ratio only between runs on one machine):", "",
+    parts = [f"## {dataset}", "",
+             "Pretraining cost at equal steps (training only; a ratio only between runs on one machine):", "",
              cost_table(results, seeds, contenders)]
     for budget in budgets:
         title = "equal steps" if budget == "steps" else "equal wall-clock"

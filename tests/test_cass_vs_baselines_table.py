@@ -68,10 +68,12 @@ def test_time_ratios_pair_only_runs_timed_on_one_machine(tables):
         return {"steps": 600, "seconds_per_step": spe / 10, "seconds_per_epoch": spe, "collapse_warnings": 0,
                 "machine": where}
 
-    results = {"pretrain/steps/dino-vit/seed0": timed(100.0, "xeon"), "pretrain/steps/dino-vit/seed1": timed(100.0, "xeon"),
+    results = {"pretrain/steps/dino-vit/seed0": timed(100.0, "xeon"),
+               "pretrain/steps/dino-vit/seed1": timed(100.0, "xeon"),
                "pretrain/steps/cass/seed0": timed(30.0, "xeon"), "pretrain/steps/cass/seed1": timed(90.0, "epyc"),
                "pretrain/steps/cass-paper/seed0": timed(50.0, "epyc")}
-    rows = {line.split(" | ")[0]: line for line in tables.cost_table(results, [0, 1], ["cass", "cass-paper"]).splitlines()}
+    text = tables.cost_table(results, [0, 1], ["cass", "cass-paper"])
+    rows = {line.split(" | ")[0]: line for line in text.splitlines()}
     assert "| 0.30 ± 0.00 |" in rows["| CASS (defaults)"]  # seed 0 only: seed 1 ran elsewhere than DINO-ViT
     assert rows["| CASS (defaults)"].endswith("| 2 | epyc; xeon |")
     assert rows["| CASS (paper objective)"].split(" | ")[3] == "-"  # no DINO-ViT run on its machine
