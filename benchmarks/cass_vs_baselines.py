@@ -15,6 +15,11 @@ Per dataset (PneumoniaMNIST and BreastMNIST at 28 px, the brain MRI folder at 64
    and from random init (the supervised baseline), at each ``--ft-lrs``; the tables use the lr each
    seed's validation F1 picks, and give paired differences (same seed) of CASS against the others.
 
+``--stages time`` times every contender side by side instead: one process pretrains each in turn for
+``--time-steps`` steps on this machine and records its seconds per step (the median of the log windows
+after the first), so the paper's time claim is checked in minutes on any machine, and the equal
+wall-clock budget has same-machine timings when the equal-steps runs were timed on two machines.
+
 Every unit of work lands in ``<work>/<dataset>/results.json`` as soon as it is done (the store,
 locking, shards and probes are ``pretraining_helps.Bench``'s), so an interrupted run resumes and
 processes with different ``--seeds`` can share a work dir; ``--table`` only prints the tables.
@@ -30,6 +35,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import sys
 import time
 from argparse import Namespace
@@ -128,7 +134,11 @@ def parse_args(argv=None) -> Namespace:
     p.add_argument("--ft-lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3], help="each seed's val F1 picks one")
     p.add_argument("--ft-steps", type=int, default=0,
                    help="fine-tuning steps; 0 = the fine-tuning defaults (epochs, early stopping on val)")
-    p.add_argument("--stages", nargs="+", default=["probes", "finetune"], choices=["probes", "finetune"])
+    p.add_argument("--stages", nargs="+", default=["probes", "finetune"], choices=["probes", "finetune", "time"],
+                   help="probes: pretrain, then probe; finetune: pretrain, then fine-tune; time: only time each "
+                        "contender side by side for --time-steps steps")
+    p.add_argument("--time-steps", type=int, default=40,
+                   help="steps of each --stages time run: 4 log windows, the first (start-up) dropped")
     p.add_argument("--stem", choices=["small", "timm"],
                    help="every contender's CNN stem: small (stride-1 3x3, no max-pool; the default at <= 64 px and "
                         "MedMNIST v2's ResNet-18) or timm's (7x7 stride 2 + max-pool; cheaper on a CPU); "
@@ -146,6 +156,8 @@ def parse_args(argv=None) -> Namespace:
         args.datasets = list(scale.datasets)
     if not set(args.datasets) <= set(scale.datasets):
         p.error(f"--datasets: --scale {args.scale} runs on {', '.join(scale.datasets)}, not {' '.join(args.datasets)}")
+    if args.time_steps < 4:
+        p.error(f"--time-steps must be at least 4 (4 log windows of one step or more), not {args.time_steps}")
     args.stem = args.stem or scale.stem
     if args.work is None:
         args.work = "runs/benchmarks/cass_vs_baselines" + ("" if args.scale == "small" else f"-{args.scale}")
@@ -187,12 +199,31 @@ class Study(Bench):
         for measured in ("cass", contender):
             self.pretrain(measured, "steps", seed)  # the equal-steps runs measure each method's seconds per step
         cass, other = (self.results[f"pretrain/steps/{c}/seed{seed}"] for c in ("cass", contender))
-        if not same_machine(cass, other):
-            raise SystemExit(f"the equal wall-clock budget of {contender} (seed {seed}) needs both equal-steps "
-                             f"timings from one machine, but pretrain/steps/cass/seed{seed} ran on "
-                             f"{machine_of(cass)} and pretrain/steps/{contender}/seed{seed} on {machine_of(other)} "
-                             f"({self.results_path}): delete one key to pretrain it again here")
+        if not same_machine(cass, other):  # seconds of two machines have no ratio: time both here, side by side
+            print(f"pretrain/steps/cass/seed{seed} was timed on {machine_of(cass)} and "
+                  f"pretrain/steps/{contender}/seed{seed} on {machine_of(other)}: the equal wall-clock budget "
+                  f"of {contender} uses both timed side by side on {machine()} (--stages time)", flush=True)
+            cass, other = (self.timing(c, seed) for c in ("cass", contender))
         return equal_time_steps(self.opts.steps, cass["seconds_per_step"], other["seconds_per_step"])
+
+    def timing(self, contender: str, seed: int) -> dict:
+        """Record (time if not recorded) ``--time-steps`` pretraining steps of ``contender`` on this machine."""
+        here = machine()
+        key = f"time/{here.replace('/', '-')}/{contender}/seed{seed}"
+        if self.done(key):
+            return self.results[key]
+        steps, window = self.opts.time_steps, self.opts.time_steps // 4
+        out = self.work / "time" / f"{contender}-seed{seed}"
+        shutil.rmtree(out, ignore_errors=True)  # a resumed run would time its start-up twice
+        self.pretrain_to_the_end([*self.pretrain_argv(contender, steps, seed, out), "--log-every", str(window)])
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        windows = [self.opts.batch_size / r["images_per_sec"] for r in records if "images_per_sec" in r][1:]
+        seconds_per_step = statistics.median(windows)
+        shutil.rmtree(out, ignore_errors=True)  # only the seconds are kept
+        self.record(key, {"steps": steps, "machine": here, "windows": len(windows),
+                          "seconds_per_step": seconds_per_step,
+                          "seconds_per_epoch": self.train_count * seconds_per_step / self.opts.batch_size})
+        return self.results[key]
 
     def pretrain_argv(self, contender: str, steps: int, seed: int, out: Path) -> list[str]:
         a = self.args
@@ -282,6 +313,11 @@ class Study(Bench):
         if "probes" in o.stages:
             self.raw_pixels()
         for seed in o.seeds:
+            if "time" in o.stages:  # CASS first: every ratio is to its seconds
+                for contender in dict.fromkeys(["cass", *o.contenders]):
+                    self.timing(contender, seed)
+            if not {"probes", "finetune"} & set(o.stages):
+                continue
             for budget in o.budgets:
                 for contender in o.contenders:
                     self.pretrain(contender, budget, seed)

@@ -5,6 +5,7 @@ CASS (defaults) probes and fine-tunes once, under "steps": see ``budget_of``):
 
     pixels                                                  raw-pixel probes
     pretrain/<budget>/<contender>/seed<s>                   steps, machine, seconds_per_step, seconds_per_epoch, ...
+    time/<machine>/<contender>/seed<s>                      steps, machine, seconds_per_step, ... (--stages time)
     probe/<budget>/<contender>/seed<s>                      {branch: {knn: {...}, linear: {...}}}
     finetune/<budget>/<contender>/<branch>/f<fraction>/seed<s>/lr<lr>   {val: {...}, test: {...}, ...}
 """
@@ -111,6 +112,32 @@ def cost_table(results: dict, seeds: list[int], contenders: list[str]) -> str:
     return "\n".join(lines)
 
 
+def time_table(results: dict, seeds: list[int], contenders: list[str]) -> str:
+    """Seconds per step of each contender timed side by side (``--stages time``), per machine.
+
+    "CASS's time / its" is CASS (defaults)' seconds over the method's, per seed on one machine: the
+    paper's "69% less time than DINO" reads 0.31 in a DINO row.
+    """
+    timed: dict[str, dict[str, dict[int, dict]]] = {}  # machine -> contender -> seed -> record
+    for key, record in results.items():
+        if key.startswith("time/"):
+            *_, contender, seed = key.split("/")
+            timed.setdefault(machine_of(record), {}).setdefault(contender, {})[int(seed.removeprefix("seed"))] = record
+    lines = ["| machine | method | s / step | s / epoch | CASS's time / its | seeds |", "|---|---|---|---|---|---|"]
+    for where, by_contender in sorted(timed.items()):
+        cass = by_contender.get("cass", {})
+        for contender in dict.fromkeys(["cass", *contenders]):
+            runs = {s: r for s, r in by_contender.get(contender, {}).items() if s in seeds}
+            if not runs:
+                continue
+            ratio = [cass[s]["seconds_per_step"] / r["seconds_per_step"] for s, r in runs.items() if s in cass]
+            cells = [mean_std([r["seconds_per_step"] for r in runs.values()], scale=1, digits=3),
+                     mean_std([r["seconds_per_epoch"] for r in runs.values()], scale=1),
+                     mean_std(ratio, scale=1, digits=2)]
+            lines.append(f"| {where} | {LABELS[contender]} | " + " | ".join(cells) + f" | {len(runs)} |")
+    return "\n".join(lines)
+
+
 def probe_table(results: dict, budget: str, seeds: list[int], contenders: list[str]) -> str:
     lines = ["| features | branch | kNN acc | kNN F1 | linear acc | linear F1 | linear AUROC | seeds |",
              "|---|---|---|---|---|---|---|---|"]
@@ -180,6 +207,9 @@ def all_tables(results: dict, *, dataset: str, seeds: list[int], budgets: list[s
     parts = [f"## {dataset}", "",
              "Pretraining cost at equal steps (training only; a ratio only between runs on one machine):", "",
              cost_table(results, seeds, contenders)]
+    if any(key.startswith("time/") for key in results):
+        parts += ["", "Time per step side by side (`--stages time`: one process times each method in turn):", "",
+                  time_table(results, seeds, contenders)]
     for budget in budgets:
         title = "equal steps" if budget == "steps" else "equal wall-clock"
         parts += ["", f"### {title}: probes on frozen features (test %, mean ± std over seeds)", "",
