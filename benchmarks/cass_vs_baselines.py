@@ -59,6 +59,7 @@ from pretraining_helps import METRICS, Bench  # noqa: E402
 from cass_dist.configs.finetune import parse_finetune_config  # noqa: E402
 from cass_dist.engine.classifier import build_backbone  # noqa: E402
 from cass_dist.engine.finetune import finetune  # noqa: E402
+from cass_dist.plots import read_records  # noqa: E402
 
 
 def datasets(image_size: int | None = None) -> dict[str, tuple[list[str], int]]:
@@ -216,8 +217,8 @@ class Study(Bench):
         out = self.work / "time" / f"{contender}-seed{seed}"
         shutil.rmtree(out, ignore_errors=True)  # a resumed run would time its start-up twice
         self.pretrain_to_the_end([*self.pretrain_argv(contender, steps, seed, out), "--log-every", str(window)])
-        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        windows = [self.opts.batch_size / r["images_per_sec"] for r in records if "images_per_sec" in r][1:]
+        windows = [self.opts.batch_size / r["images_per_sec"] for r in read_records(out / "metrics.jsonl")
+                   if "images_per_sec" in r][1:]
         seconds_per_step = statistics.median(windows)
         shutil.rmtree(out, ignore_errors=True)  # only the seconds are kept
         self.record(key, {"steps": steps, "machine": here, "windows": len(windows),
@@ -248,7 +249,7 @@ class Study(Bench):
             # the study uses the export; the resumable state (~250 MB a run) is dead once the run is complete
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
         summary = json.loads((out / "summary.json").read_text())
-        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        records = read_records(out / "metrics.jsonl")
         self.record(key, {"steps": steps, "machine": machine(),
                           "seconds_per_step": self.opts.batch_size / summary["images_per_sec"],
                           "seconds_per_epoch": self.train_count / summary["images_per_sec"],

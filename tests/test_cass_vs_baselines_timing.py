@@ -109,7 +109,8 @@ def test_a_real_timing_run_records_its_windows_and_leaves_no_run_dir(study, tmp_
     s.shards = tmp_path / "shards"
     build_synthetic(s.shards, num_images=160, image_size=28, shard_size=80)
     s.train_count = 128
-    record = s.timing("dino-cnn", 0)  # DINO: multi-crop through the same loop
-    assert record["windows"] == 3 and record["steps"] == 4 and record["seconds_per_step"] > 0
-    assert record["seconds_per_epoch"] == pytest.approx(8 * record["seconds_per_step"])
-    assert not (tmp_path / "work" / "breastmnist" / "time" / "dino-cnn-seed0").exists()
+    for contender in ("cass", "dino-cnn"):  # the default contender, and DINO's multi-crop through the same loop
+        record = s.timing(contender, 0)
+        assert record["windows"] == 3 and record["steps"] == 4 and record["seconds_per_step"] > 0
+        assert record["seconds_per_epoch"] == pytest.approx(8 * record["seconds_per_step"])
+        assert not (tmp_path / "work" / "breastmnist" / "time" / f"{contender}-seed0").exists()
