@@ -194,9 +194,17 @@ class Study(Bench):
 
     # ------------------------------------------------------------------ pretraining
     def steps_for(self, contender: str, budget: str, seed: int) -> int:
-        """Return the pretraining steps of ``contender`` at ``budget`` (equal time: from measured s / step)."""
+        """Return the pretraining steps of ``contender`` at ``budget`` (equal time: from measured s / step).
+
+        Equal time takes, in order: both methods timed side by side on this machine (``--stages time``),
+        else the equal-steps runs when one machine ran both, else it times both here now.
+        """
         if budget == "steps" or contender == "cass":
             return self.opts.steps
+        timed_here = [self.results.get(self.timing_key(c, seed)) for c in ("cass", contender)]
+        if all(timed_here):  # one process timed both in turn: fairer than two runs made under different loads
+            cass, other = timed_here
+            return equal_time_steps(self.opts.steps, cass["seconds_per_step"], other["seconds_per_step"])
         for measured in ("cass", contender):
             self.pretrain(measured, "steps", seed)  # the equal-steps runs measure each method's seconds per step
         cass, other = (self.results[f"pretrain/steps/{c}/seed{seed}"] for c in ("cass", contender))
@@ -207,10 +215,14 @@ class Study(Bench):
             cass, other = (self.timing(c, seed) for c in ("cass", contender))
         return equal_time_steps(self.opts.steps, cass["seconds_per_step"], other["seconds_per_step"])
 
+    @staticmethod
+    def timing_key(contender: str, seed: int) -> str:
+        return f"time/{machine().replace('/', '-')}/{contender}/seed{seed}"
+
     def timing(self, contender: str, seed: int) -> dict:
         """Record (time if not recorded) ``--time-steps`` pretraining steps of ``contender`` on this machine."""
         here = machine()
-        key = f"time/{here.replace('/', '-')}/{contender}/seed{seed}"
+        key = self.timing_key(contender, seed)
         if self.done(key):
             return self.results[key]
         steps, window = self.opts.time_steps, self.opts.time_steps // 4

@@ -77,6 +77,25 @@ def test_the_equal_time_budget_times_both_here_when_their_runs_were_timed_on_two
     assert s.steps_for("cass", "time", 0) == 600  # CASS sets the budget: no ratio
 
 
+def test_the_equal_time_budget_prefers_side_by_side_timings_recorded_here(study, tmp_path):
+    here = study.Study.timing_key
+    done = {here("cass", 0): {"seconds_per_step": 3.0}, here("dino-cnn", 0): {"seconds_per_step": 9.0},
+            # equal-steps runs on this machine at another load, and no dino-cnn run at all for seed 1
+            "pretrain/steps/cass/seed0": {"steps": 600, "seconds_per_step": 2.0, "machine": study.machine()},
+            "pretrain/steps/dino-cnn/seed0": {"steps": 600, "seconds_per_step": 9.0, "machine": study.machine()},
+            here("cass", 1): {"seconds_per_step": 3.0}, here("dino-cnn", 1): {"seconds_per_step": 6.0}}
+    (tmp_path / "breastmnist").mkdir()
+    (tmp_path / "breastmnist" / "results.json").write_text(json.dumps(done))
+    s = study.Study(study.parse_args(["--work", str(tmp_path)]), "breastmnist")
+
+    def must_not_run(argv):
+        raise AssertionError(f"ran {argv}")
+
+    s.pretrain_to_the_end = must_not_run
+    assert s.steps_for("dino-cnn", "time", 0) == 200  # 600 x 3 s / 9 s side by side, not 600 x 2 s / 9 s
+    assert s.steps_for("dino-cnn", "time", 1) == 300  # needs no equal-steps run of its own
+
+
 def test_too_few_time_steps_for_four_windows_is_refused_by_name(study, capsys):
     with pytest.raises(SystemExit):
         study.parse_args(["--time-steps", "3"])
