@@ -17,8 +17,8 @@ Per dataset (PneumoniaMNIST and BreastMNIST at 28 px, the brain MRI folder at 64
 
 ``--stages time`` times every contender side by side instead: one process pretrains each in turn for
 ``--time-steps`` steps on this machine and records its seconds per step (the median of the log windows
-after the first), so the paper's time claim is checked in minutes on any machine, and the equal
-wall-clock budget has same-machine timings when the equal-steps runs were timed on two machines.
+after the first), so the paper's time claim is checked in minutes on any machine; the equal
+wall-clock budget converts with these timings first (see ``Study.steps_for``).
 
 Every unit of work lands in ``<work>/<dataset>/results.json`` as soon as it is done (the store,
 locking, shards and probes are ``pretraining_helps.Bench``'s), so an interrupted run resumes and
@@ -201,13 +201,11 @@ class Study(Bench):
         """
         if budget == "steps" or contender == "cass":
             return self.opts.steps
-        timed_here = [self.results.get(self.timing_key(c, seed)) for c in ("cass", contender)]
-        if all(timed_here):  # one process timed both in turn: fairer than two runs made under different loads
-            cass, other = timed_here
-            return equal_time_steps(self.opts.steps, cass["seconds_per_step"], other["seconds_per_step"])
-        for measured in ("cass", contender):
-            self.pretrain(measured, "steps", seed)  # the equal-steps runs measure each method's seconds per step
-        cass, other = (self.results[f"pretrain/steps/{c}/seed{seed}"] for c in ("cass", contender))
+        cass, other = (self.results.get(self.timing_key(c, seed)) for c in ("cass", contender))
+        if not (cass and other):  # one process timing both in turn beats two runs made under different loads
+            for measured in ("cass", contender):
+                self.pretrain(measured, "steps", seed)  # the equal-steps runs measure each method's s / step
+            cass, other = (self.results[f"pretrain/steps/{c}/seed{seed}"] for c in ("cass", contender))
         if not same_machine(cass, other):  # seconds of two machines have no ratio: time both here, side by side
             print(f"pretrain/steps/cass/seed{seed} was timed on {machine_of(cass)} and "
                   f"pretrain/steps/{contender}/seed{seed} on {machine_of(other)}: the equal wall-clock budget "

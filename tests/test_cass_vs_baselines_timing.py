@@ -1,5 +1,6 @@
 """``--stages time`` times every contender side by side on one machine: the paper's time claim in
-minutes, and the equal wall-clock budget's fallback when the equal-steps runs were timed apart."""
+minutes, and the seconds the equal wall-clock budget converts with (these timings before the
+equal-steps runs', and these taken now when the equal-steps runs were timed apart)."""
 
 from __future__ import annotations
 
