@@ -251,6 +251,9 @@ class Study(Bench):
         """
         key = f"pretrain/{budget}/{contender}/seed{seed}"
         steps = self.results[key]["steps"] if self.done(key) else self.steps_for(contender, budget, seed)
+        if budget == "steps" and steps != self.opts.steps:  # its probes and fine-tunes would pass for --steps'
+            raise SystemExit(f"{key} in {self.results_path} ran {steps} steps, not --steps {self.opts.steps}: "
+                             f"pass --steps {steps} to add to that study, or another --work for a new one")
         out = self.work / "pretrain" / f"{contender}-seed{seed}-{steps}steps"
         if self.done(key):
             return out

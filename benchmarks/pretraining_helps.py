@@ -137,7 +137,7 @@ class Bench:
         knn = knn_predict(xt, yt, xq, num_classes=manifest.num_classes, k=20)
         linear = linear_probe(xt, yt, xv, yv, Cs=(0.01, 0.1, 1.0), max_iter=500)
         out = {}
-        for name, probs in (("knn", knn), ("linear", torch.as_tensor(probe_probabilities(linear, xq, 2)))):
+        for name, probs in (("knn", knn), ("linear", torch.as_tensor(probe_probabilities(linear, xq, manifest.num_classes)))):
             m = compute_metrics(probs, yq, task=manifest.task)
             out[name] = {k: m[k] for k in ("accuracy", "f1_macro", "auroc_macro", "balanced_accuracy")}
         return out

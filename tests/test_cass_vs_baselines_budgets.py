@@ -64,3 +64,17 @@ def test_a_copied_results_file_adds_work_without_its_runs_and_names_a_missing_ex
     assert s.steps_for("dino-vit", "time", 0) == 400  # from the records: no run dir needed
     with pytest.raises(SystemExit, match=r"pretrain/steps/cass/seed0 is recorded .* export .*cass-seed0-600steps"):
         s.finetune_run("cass", "steps", "cnn", 0.01, 0, 1e-3)
+
+
+def test_a_study_recorded_at_other_steps_stops_instead_of_passing_for_these(study, tmp_path):
+    """The keys hold no step count: probing a 300-step run under --steps 600 would report it as 600."""
+    (tmp_path / "brain_mri").mkdir()
+    done = {"pretrain/steps/cass/seed0": {"steps": 300, "seconds_per_step": 13.0}}
+    (tmp_path / "brain_mri" / "results.json").write_text(json.dumps(done))
+
+    s = study.Study(study.parse_args(["--work", str(tmp_path)]), "brain_mri")
+    with pytest.raises(SystemExit, match=r"pretrain/steps/cass/seed0 .* ran 300 steps, not --steps 600: pass --steps 300"):
+        s.probes("cass", "steps", 0)
+    s = study.Study(study.parse_args(["--work", str(tmp_path), "--steps", "300"]), "brain_mri")
+    with pytest.raises(SystemExit, match=r"export .*cass-seed0-300steps"):  # the same steps: on to its export
+        s.probes("cass", "steps", 0)
