@@ -210,8 +210,9 @@ def all_tables(results: dict, *, dataset: str, seeds: list[int], budgets: list[s
     if any(key.startswith("time/") for key in results):
         parts += ["", "Time per step side by side (`--stages time`: one process times each method in turn):", "",
                   time_table(results, seeds, contenders)]
-    for budget in budgets:
-        title = "equal steps" if budget == "steps" else "equal wall-clock"
+    counts = sorted({r["steps"] for c in contenders for s in seeds if (r := results.get(f"pretrain/steps/{c}/seed{s}"))})
+    for budget in budgets:  # the step count is in no key: a study run at --steps 300 must say so
+        title = "equal wall-clock" if budget == "time" else f"equal steps ({' / '.join(map(str, counts)) or '-'})"
         parts += ["", f"### {title}: probes on frozen features (test %, mean ± std over seeds)", "",
                   probe_table(results, budget, seeds, contenders),
                   "", f"### {title}: fine-tuning, test macro F1 / AUROC (%) at each label fraction, lr chosen on val",

@@ -78,3 +78,12 @@ def test_time_ratios_pair_only_runs_timed_on_one_machine(tables):
     assert rows["| CASS (defaults)"].endswith("| 2 | epyc; xeon |")
     assert rows["| CASS (paper objective)"].split(" | ")[3] == "-"  # no DINO-ViT run on its machine
     assert tables.machine_of({"seconds_per_step": 1.0}) == "unrecorded"
+
+
+def test_the_equal_steps_tables_name_the_steps_the_pretrainings_ran(tables):
+    results = {f"pretrain/steps/{c}/seed0": {"steps": 300, "seconds_per_step": 1.0, "seconds_per_epoch": 10.0,
+                                             "collapse_warnings": 0} for c in ("cass", "dino-vit")}
+    text = tables.all_tables(results, dataset="brain_mri", seeds=[0], budgets=["steps", "time"],
+                             contenders=["cass", "dino-vit"], fractions=[0.1], lrs=[1e-3])
+    assert "### equal steps (300): probes on frozen features" in text
+    assert "### equal wall-clock: probes on frozen features" in text
