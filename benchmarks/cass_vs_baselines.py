@@ -134,7 +134,7 @@ def parse_args(argv=None) -> Namespace:
     p.add_argument("--ft-fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0])
     p.add_argument("--ft-lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3], help="each seed's val F1 picks one")
     p.add_argument("--ft-steps", type=int, default=0,
-                   help="fine-tuning steps; 0 = the fine-tuning defaults (epochs, early stopping on val)")
+                   help="fine-tuning steps; 0 = the fine-tuning defaults (50 epochs, at least 500 steps; best val kept)")
     p.add_argument("--stages", nargs="+", default=["probes", "finetune"], choices=["probes", "finetune", "time"],
                    help="probes: pretrain, then probe; finetune: pretrain, then fine-tune; time: only time each "
                         "contender side by side for --time-steps steps")

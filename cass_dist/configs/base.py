@@ -76,6 +76,7 @@ class RunSection:
     run_name: str = ""  # display name in W&B ("": W&B picks one)
     max_steps: int = 0  # optimizer steps; 0 = derive from epochs
     epochs: int = 1  # passes over the training split, used when max_steps is 0
+    min_steps: int = 0  # with max_steps 0: at least this many optimizer steps, however short an epoch is
     grad_accum_steps: int = 1  # micro-batches per optimizer step (global batch = batch x processes x this)
     clip_grad: float = 0.0  # max global grad norm; 0 = off
     warmup_steps: int = 0  # optimizer steps of linear lr warmup before the cosine decay
@@ -90,7 +91,7 @@ class RunSection:
     max_nonfinite_steps: int = 5  # stop after this many non-finite losses in a row
 
     def validate(self) -> None:
-        for name in ("max_steps", "warmup_steps", "save_every"):
+        for name in ("max_steps", "min_steps", "warmup_steps", "save_every"):
             if getattr(self, name) < 0:
                 raise FieldError(name, "must be >= 0", getattr(self, name))
         for name in ("grad_accum_steps", "keep_last", "log_every", "max_nonfinite_steps"):
@@ -110,7 +111,8 @@ class RunSection:
 RUN_ALIASES = {
     "--output-dir": "run.output_dir", "--seed": "run.seed", "--precision": "run.precision",
     "--report-to": "run.report_to", "--max-steps": "run.max_steps", "--epochs": "run.epochs",
-    "--save-every": "run.save_every", "--keep-last": "run.keep_last", "--resume": "run.resume",
+    "--min-steps": "run.min_steps", "--save-every": "run.save_every", "--keep-last": "run.keep_last",
+    "--resume": "run.resume",
     "--grad-accum-steps": "run.grad_accum_steps", "--clip-grad": "run.clip_grad",
     "--warmup-steps": "run.warmup_steps", "--log-every": "run.log_every", "--run-name": "run.run_name",
     "--resume-force": "run.resume_force",

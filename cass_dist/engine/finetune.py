@@ -186,10 +186,17 @@ def _train(cfg: FinetuneConfig, run: Run, manifest: Manifest, source: InitSource
         check_digests(d.shards, [d.train_split, d.val_split, d.test_split], accelerator=acc)
 
     batches_per_epoch = len(build_train_loader(cfg, acc, 0, 0))
-    total_steps, _ = count_steps(batches_per_epoch, grad_accum_steps=accum, max_steps=cfg.run.max_steps,
-                                 epochs=cfg.run.epochs, split=cfg.data.train_split)
+    total_steps, steps_per_epoch = count_steps(batches_per_epoch, grad_accum_steps=accum, max_steps=cfg.run.max_steps,
+                                               epochs=cfg.run.epochs, split=cfg.data.train_split,
+                                               min_steps=cfg.run.min_steps)
+    eval_every = stop.eval_every
+    lengthened = total_steps > cfg.run.epochs * steps_per_epoch and not cfg.run.max_steps
+    if lengthened and not eval_every:  # keep one validation per requested epoch, not one per (tiny) epoch
+        eval_every = -(-total_steps // cfg.run.epochs)
     run.print(f"fine-tuning {cfg.model.branch} from {cfg.model.init} on {manifest.task} "
-              f"({manifest.num_classes} classes, label fraction {cfg.data.label_fraction}): {total_steps} steps")
+              f"({manifest.num_classes} classes, label fraction {cfg.data.label_fraction}): {total_steps} steps"
+              + (f" (run.min_steps; run.epochs {cfg.run.epochs} would be {cfg.run.epochs * steps_per_epoch}), "
+                 f"validating every {eval_every}" if lengthened else ""))
 
     transform = manifest_transform(d.train_transform, manifest, image_size=d.image_size or None)
 
@@ -244,8 +251,7 @@ def _train(cfg: FinetuneConfig, run: Run, manifest: Manifest, source: InitSource
                 loss_sum.zero_()
                 loss_count = 0
             last = state.global_step == total_steps
-            if (stop.eval_every and state.global_step % stop.eval_every == 0) or \
-                    (not stop.eval_every and epoch_done) or last:
+            if (eval_every and state.global_step % eval_every == 0) or (not eval_every and epoch_done) or last:
                 _validate(cfg, run, model, manifest, state, track, loaders=eval_loaders)
                 run.save(state)
                 model.train()

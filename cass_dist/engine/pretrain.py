@@ -139,7 +139,8 @@ def _train(cfg: PretrainConfig, run: Run, manifest: Manifest, make_loader: Loade
     if state.data_position or state.batch_in_epoch:  # mid-epoch: go on from the saved position
         loader = make_loader(cfg, acc, state.epoch, state.data_position or state.batch_in_epoch)
     total_steps, steps_per_epoch = count_steps(batches_per_epoch, grad_accum_steps=accum, max_steps=cfg.run.max_steps,
-                                               epochs=cfg.run.epochs, split=cfg.data.train_split)
+                                               epochs=cfg.run.epochs, split=cfg.data.train_split,
+                                               min_steps=cfg.run.min_steps)
     run.print(f"{method.summary_line()}: {total_steps} steps of {cfg.data.batch_size * accum * acc.num_processes}"
               f" images ({steps_per_epoch} steps per epoch)")
 

@@ -52,8 +52,9 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float =
 
 
 def count_steps(batches_per_epoch: int, *, grad_accum_steps: int, max_steps: int, epochs: int,
-                split: str) -> tuple[int, int]:
-    """Return ``(total optimizer steps, steps per epoch)``: ``max_steps`` if set, else ``epochs`` epochs.
+                split: str, min_steps: int = 0) -> tuple[int, int]:
+    """Return ``(total optimizer steps, steps per epoch)``: ``max_steps`` if set, else ``epochs`` epochs
+    but at least ``min_steps`` steps.
 
     Raises ConfigError (a ValueError) naming ``data.batch_size`` when an epoch of ``split`` has fewer micro-batches
     per process than one accumulation window.
@@ -62,7 +63,7 @@ def count_steps(batches_per_epoch: int, *, grad_accum_steps: int, max_steps: int
     if steps_per_epoch < 1:
         raise ConfigError(f"data.batch_size: split {split!r} gives {batches_per_epoch} batches per process per "
                          f"epoch, fewer than run.grad_accum_steps={grad_accum_steps}")
-    return max_steps or epochs * steps_per_epoch, steps_per_epoch
+    return max_steps or max(epochs * steps_per_epoch, min_steps), steps_per_epoch
 
 
 def set_lrs(optimizer: torch.optim.Optimizer, base_lrs: Sequence[float], factor: float) -> None:

@@ -76,6 +76,26 @@ def test_early_stopping_stops_after_patience_and_keeps_best(syn_shards, binary_s
         load_classifier(tmp_path / "stop", manifest)
 
 
+def test_min_steps_lengthens_short_epochs_and_keeps_one_validation_per_epoch(syn_shards, tmp_path):
+    # The defaults: 50 epochs but at least 500 steps, and the quick CPU preset without the floor.
+    defaults = parse_finetune_config(["--data", str(syn_shards)]).run
+    assert (defaults.epochs, defaults.min_steps, defaults.max_steps) == (50, 500, 0)
+    assert parse_finetune_config(["--preset", "small", "--data", str(syn_shards)]).run.min_steps == 0
+    # The same rule at a floor of 12 (500 steps would take minutes here): 10% of 168 images at batch 8 is
+    # 2 steps an epoch, so 3 epochs would be 6 steps; the floor makes 12, validated every 12 / 3 = 4.
+    args = ["--label-fraction", "0.1", "--batch-size", "8", "--epochs", "3", "--min-steps", "12", "--lr", "0.001"]
+    floored = finetune(parse_finetune_config(finetune_args(syn_shards, tmp_path / "floored", *args)))
+    assert floored["steps"] == 12 and not floored["early_stopped"]
+    records = [json.loads(line) for line in (tmp_path / "floored/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val_f1_macro" in r] == [4, 8, 12]
+    assert max(r["epoch"] for r in records if "epoch" in r) >= 5  # it did pass over the subset more than 3 times
+
+    args[args.index("--min-steps") + 1] = "4"  # a floor below 3 epochs' 6 steps: epochs as asked, one eval each
+    plain = finetune(parse_finetune_config(finetune_args(syn_shards, tmp_path / "plain", *args)))
+    records = [json.loads(line) for line in (tmp_path / "plain/metrics.jsonl").read_text().splitlines()]
+    assert plain["steps"] == 6 and [r["step"] for r in records if "val_f1_macro" in r] == [2, 4, 6]
+
+
 def test_bad_init_paths(tiny_export, tmp_path):
     cfg = parse_finetune_config(["--data", "x", "--init", str(tiny_export), "--branch", "vit"]).model
     backbone, spec = build_backbone(cfg, "vit")

@@ -171,6 +171,10 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
 def test_step_count_follows_max_steps_or_epochs_and_names_the_batch_size_when_too_small():
     assert count_steps(10, grad_accum_steps=2, max_steps=0, epochs=3, split="train") == (15, 5)
     assert count_steps(10, grad_accum_steps=2, max_steps=7, epochs=3, split="train") == (7, 5)
+    # min_steps floors the epochs' count only: max_steps still wins, and longer epochs are left as they are
+    assert count_steps(10, grad_accum_steps=2, max_steps=0, epochs=3, split="train", min_steps=40) == (40, 5)
+    assert count_steps(10, grad_accum_steps=2, max_steps=7, epochs=3, split="train", min_steps=40) == (7, 5)
+    assert count_steps(10, grad_accum_steps=2, max_steps=0, epochs=3, split="train", min_steps=12) == (15, 5)
     with pytest.raises(ValueError, match=r"data\.batch_size: split 'train' gives 1 batches.*grad_accum_steps=2"):
         count_steps(1, grad_accum_steps=2, max_steps=0, epochs=3, split="train")
 
